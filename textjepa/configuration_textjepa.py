@@ -1,0 +1,137 @@
+"""TextJepaConfig: one config for the encoder, the predictor, the JEPA target and loss, and the EMA.
+
+The encoder fields use Hugging Face's usual names so anyone who knows `BertConfig` can read it. A
+saved `TextJepaModel` directory carries the whole config (predictor fields included): they are
+ignored by the encoder and let a pretraining run be rebuilt from any export.
+"""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
+
+# Keyword arguments that `PreTrainedConfig.__post_init__` itself understands, or that
+# `save_pretrained`/`from_pretrained` put into config.json. Anything else is a typo and fails loudly.
+_BASE_CONFIG_KWARGS = {
+    "name_or_path",
+    "attn_implementation",
+    "experts_implementation",
+    "output_attentions",
+    "torch_dtype",
+    "num_labels",
+    "auto_map",
+    "tokenizer_class",
+    "custom_pipelines",
+    "model_type",
+    "transformers_version",
+}
+
+
+@strict
+class TextJepaConfig(PreTrainedConfig):
+    r"""Configuration of a Text-JEPA model.
+
+    Encoder (student and teacher share it):
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size,
+        hidden_act, max_position_embeddings, hidden_dropout_prob, attention_probs_dropout_prob,
+        layer_norm_eps, initializer_range, pad_token_id / bos_token_id / eos_token_id.
+        position_embedding_type: "absolute" (learned table) or "rotary" (RoPE on queries and keys).
+        norm_placement: "pre" (LayerNorm before each sub-layer plus a final LayerNorm; stable without
+            warmup tricks) or "post" (BERT's placement).
+    Predictor (narrow transformer that sees the student's context states and mask tokens):
+        predictor_hidden_size, predictor_num_hidden_layers, predictor_num_attention_heads,
+        predictor_intermediate_size (defaults to 4 x predictor_hidden_size when None).
+    Targets (what the teacher's full-sequence pass provides):
+        target_num_layers: average of the top-k teacher layers (data2vec); 1 = last layer (I-JEPA).
+        target_norm: "layer_norm" (per-token, no affine), "instance_norm" (per-channel over the
+            sequence, data2vec), or "none"; applied to each averaged layer and once more to the average.
+    Loss:
+        loss_type: "smooth_l1" (beta = smooth_l1_beta) or "mse", averaged over target tokens and dims.
+        variance_reg_weight: weight of a VICReg-style hinge on the per-dimension std of predictions
+            (0 = off, the default; the EMA teacher is what prevents collapse).
+    EMA teacher:
+        ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant").
+    Downstream heads:
+        classifier_pooling ("mean" over non-padding tokens, or "cls" = first token), classifier_dropout.
+    """
+
+    model_type = "textjepa"
+
+    # encoder
+    vocab_size: int = 8192
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    position_embedding_type: Literal["absolute", "rotary"] = "absolute"
+    rope_theta: float = 10000.0
+    norm_placement: Literal["pre", "post"] = "pre"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    layer_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 2
+    # predictor
+    predictor_hidden_size: int = 128
+    predictor_num_hidden_layers: int = 2
+    predictor_num_attention_heads: int = 4
+    predictor_intermediate_size: int | None = None
+    # targets and loss
+    target_num_layers: int = 2
+    target_norm: Literal["layer_norm", "instance_norm", "none"] = "layer_norm"
+    loss_type: Literal["smooth_l1", "mse"] = "smooth_l1"
+    smooth_l1_beta: float = 1.0
+    variance_reg_weight: float = 0.0
+    # EMA teacher
+    ema_momentum_start: float = 0.996
+    ema_momentum_end: float = 1.0
+    ema_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # heads
+    classifier_pooling: Literal["mean", "cls"] = "mean"
+    classifier_dropout: float | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        unknown = sorted(k for k in kwargs if k not in _BASE_CONFIG_KWARGS and not k.startswith("_"))
+        if unknown:
+            fields = sorted(f for f, spec in self.__dataclass_fields__.items() if spec.init and not f.startswith("_"))
+            raise ValueError(
+                f"TextJepaConfig: unknown key(s) {unknown}. Expected TextJepaConfig fields: {fields}"
+            )
+        if self.predictor_intermediate_size is None:
+            self.predictor_intermediate_size = 4 * self.predictor_hidden_size
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Shape and range checks that a typo in a recipe would otherwise turn into a cryptic error."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"TextJepaConfig: hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.predictor_hidden_size % self.predictor_num_attention_heads:
+            raise ValueError(
+                f"TextJepaConfig: predictor_hidden_size ({self.predictor_hidden_size}) must be a multiple of "
+                f"predictor_num_attention_heads ({self.predictor_num_attention_heads})"
+            )
+        if self.position_embedding_type == "rotary":
+            for width, heads, name in (
+                (self.hidden_size, self.num_attention_heads, "hidden_size"),
+                (self.predictor_hidden_size, self.predictor_num_attention_heads, "predictor_hidden_size"),
+            ):
+                if (width // heads) % 2:
+                    raise ValueError(f"TextJepaConfig: rotary positions need an even head size; {name}/heads is odd")
+        if not 1 <= self.target_num_layers <= self.num_hidden_layers:
+            raise ValueError(
+                f"TextJepaConfig: target_num_layers must be in [1, num_hidden_layers={self.num_hidden_layers}], "
+                f"got {self.target_num_layers}"
+            )
+        if not 0.0 <= self.ema_momentum_start <= 1.0 or not 0.0 <= self.ema_momentum_end <= 1.0:
+            raise ValueError("TextJepaConfig: ema_momentum_start and ema_momentum_end must lie in [0, 1]")
+
+
+__all__ = ["TextJepaConfig"]

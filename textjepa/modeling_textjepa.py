@@ -1,0 +1,616 @@
+"""Text-JEPA models: the encoder, the predictor, the pretraining wrapper with its EMA teacher, and heads.
+
+Read top to bottom:
+  TextJepaEmbeddings, rotary helpers, TextJepaAttention, TextJepaLayer   -- building blocks
+  TextJepaPreTrainedModel                                                -- init, strict loading
+  TextJepaModel                                                          -- the encoder (AutoModel)
+  TextJepaPredictor                                                      -- narrow predictor
+  TextJepaForPreTraining                                                 -- student + predictor + teacher + loss
+  TextJepaForSequenceClassification                                      -- downstream head
+
+This file imports only torch and transformers (plus its configuration twin), so `export_encoder(...,
+auto_map=True)` can copy it next to the weights for `trust_remote_code=True` users.
+
+Shapes: B batch, L full sequence length, T tokens the encoder reads (L for the teacher, Nc for the
+student), K masks per sequence, Nc context tokens, Nt target tokens, H hidden size, Hp predictor width.
+"""
+
+import copy
+import math
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_textjepa import TextJepaConfig
+
+
+def pool_hidden_states(hidden_states, attention_mask=None, pooling="mean"):
+    """(B, T, H) -> (B, H). "mean" averages non-padding tokens; "cls" takes the first token."""
+    if pooling == "cls":
+        return hidden_states[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling must be 'mean' or 'cls', got {pooling!r}")
+    if attention_mask is None:
+        return hidden_states.mean(dim=1)
+    weights = attention_mask.unsqueeze(-1).to(hidden_states.dtype)  # (B, T, 1)
+    return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+class TextJepaEmbeddings(nn.Module):
+    """Token embeddings (+ learned absolute positions unless the model is rotary), LayerNorm, dropout.
+
+    Positions come from `position_ids`, never from the index in the tensor: the student reads a
+    gathered subset of a sequence and each token must keep the position it had in the full text.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        if config.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        else:
+            self.position_embeddings = None
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids, position_ids):
+        embeddings = self.word_embeddings(input_ids)  # (B, T, H)
+        if self.position_embeddings is not None:
+            embeddings = embeddings + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class TextJepaRotaryEmbedding(nn.Module):
+    """cos/sin tables for RoPE, computed from position_ids so gathered tokens keep their rotation."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids):
+        # position_ids (B, T) -> cos, sin (B, 1, T, head_dim), broadcast over heads
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]
+        angles = torch.cat([freqs, freqs], dim=-1)
+        return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def rotate_half(x):
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rotary(query, key, cos, sin):
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+class TextJepaAttention(nn.Module):
+    """Bidirectional multi-head self-attention with one fused QKV projection.
+
+    `attn_implementation` "sdpa" calls torch's scaled_dot_product_attention; "eager" is the same
+    math written out (softmax(QK^T/sqrt(d) + mask) V) and must give the same numbers.
+    """
+
+    def __init__(self, config, hidden_size, num_heads):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+        self.dropout_prob = config.attention_probs_dropout_prob
+
+    def forward(self, hidden_states, attention_mask=None, rotary=None):
+        # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) True = may be attended, or None
+        batch, length, width = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        if rotary is not None:
+            query, key = apply_rotary(query, key, *rotary)
+        dropout = self.dropout_prob if self.training else 0.0
+        if self.config._attn_implementation == "eager":
+            scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling  # (B, heads, T, T)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            probs = F.dropout(scores.softmax(dim=-1), p=dropout, training=self.training)
+            context = torch.matmul(probs, value)
+        else:
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
+            )
+        context = context.transpose(1, 2).reshape(batch, length, width)
+        return self.output(context)
+
+
+class TextJepaLayer(GradientCheckpointingLayer):
+    """Transformer block: attention + MLP, each with a residual, LayerNorm pre or post (config)."""
+
+    def __init__(self, config, hidden_size, num_heads, intermediate_size):
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.attention = TextJepaAttention(config, hidden_size, num_heads)
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.activation = ACT2FN[config.hidden_act]
+        self.mlp_output = nn.Linear(intermediate_size, hidden_size)
+        self.mlp_norm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def mlp(self, x):
+        return self.mlp_output(self.activation(self.intermediate(x)))
+
+    def forward(self, hidden_states, attention_mask=None, rotary=None):
+        if self.pre_norm:
+            hidden_states = hidden_states + self.dropout(
+                self.attention(self.attention_norm(hidden_states), attention_mask, rotary)
+            )
+            return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        hidden_states = self.attention_norm(
+            hidden_states + self.dropout(self.attention(hidden_states, attention_mask, rotary))
+        )
+        return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+
+
+def padding_mask_to_attention_mask(attention_mask):
+    """(B, T) 1/0 padding mask -> bool (B, 1, 1, T) key mask, or None when nothing is padded."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None  # the fast path: no mask lets SDPA pick its best kernel
+    return attention_mask.bool()[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------------------------
+# Base class: init and strict loading
+# ----------------------------------------------------------------------------------------------
+
+
+class TextJepaPreTrainedModel(PreTrainedModel):
+    config: TextJepaConfig
+    config_class = TextJepaConfig
+    base_model_prefix = "textjepa"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["TextJepaLayer", "TextJepaEmbeddings"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        # `init.*` skip tensors already loaded from a checkpoint: writing `.data` here would silently
+        # re-initialise them (the transformers-5 pitfall).
+        super()._init_weights(module)
+        if isinstance(module, TextJepaPredictor):
+            init.normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
+
+    # Keys that belong to the encoder: any mismatch there means the checkpoint is not the model the
+    # user asked for, and loading must fail instead of leaving random weights in place.
+    @staticmethod
+    def _is_encoder_key(key):
+        key = key.removeprefix(TextJepaPreTrainedModel.base_model_prefix + ".")
+        return key.startswith(("embeddings.", "layers.", "final_norm."))
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but strict about the encoder's weights.
+
+        Missing or unexpected encoder keys and any shape mismatch raise a ValueError naming the keys.
+        Keys outside the encoder may be missing (a new classification head, a new predictor) or
+        unexpected (the predictor in a pretraining checkpoint loaded as a plain encoder).
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        path = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        problems = []
+        missing = [k for k in info.get("missing_keys", []) if model._is_encoder_key(k)]
+        unexpected = [k for k in info.get("unexpected_keys", []) if model._is_encoder_key(k)]
+        mismatched = list(info.get("mismatched_keys", []))
+        if missing:
+            problems.append(f"missing encoder weights {sorted(missing)[:10]}")
+        if unexpected:
+            problems.append(f"unexpected encoder weights {sorted(unexpected)[:10]}")
+        if mismatched and not kwargs.get("ignore_mismatched_sizes", False):
+            problems.append(f"weights with mismatched shapes {mismatched[:10]}")
+        if problems:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained({path!r}): the checkpoint does not match the model: "
+                + "; ".join(problems)
+                + ". Refusing to continue with randomly initialised encoder weights."
+            )
+        return (model, info) if return_info else model
+
+
+# ----------------------------------------------------------------------------------------------
+# The encoder
+# ----------------------------------------------------------------------------------------------
+
+
+class TextJepaModel(TextJepaPreTrainedModel):
+    """The Text-JEPA encoder (student or teacher). `AutoModel.from_pretrained` returns this.
+
+    forward(input_ids (B, T), attention_mask (B, T) or None, position_ids (B, T) or None) ->
+    BaseModelOutput(last_hidden_state (B, T, H), hidden_states: (embeddings, layer 1, ..., layer N)
+    with the last entry after the final norm, so hidden_states[-1] == last_hidden_state).
+    Pass a gathered subset of a sequence with its original position_ids to encode only those tokens.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = TextJepaEmbeddings(config)
+        self.rotary = (
+            TextJepaRotaryEmbedding(config.hidden_size // config.num_attention_heads, config.rope_theta)
+            if config.position_embedding_type == "rotary"
+            else None
+        )
+        self.layers = nn.ModuleList(
+            TextJepaLayer(config, config.hidden_size, config.num_attention_heads, config.intermediate_size)
+            for _ in range(config.num_hidden_layers)
+        )
+        # pre-norm leaves the residual stream un-normalised: one final LayerNorm
+        self.final_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+            if config.norm_placement == "pre"
+            else nn.Identity()
+        )
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        position_ids=None,
+        token_type_ids=None,  # accepted and ignored, so BERT-style tokenizer outputs can be passed as **batch
+        output_hidden_states=None,
+        return_dict=None,
+        **kwargs,
+    ):
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        elif position_ids.max() >= self.config.max_position_embeddings and self.rotary is None:
+            raise ValueError(
+                f"position_ids reach {int(position_ids.max())} but max_position_embeddings is "
+                f"{self.config.max_position_embeddings}"
+            )
+        mask = padding_mask_to_attention_mask(attention_mask)
+        rotary = self.rotary(position_ids) if self.rotary is not None else None
+
+        hidden_states = self.embeddings(input_ids, position_ids)  # (B, T, H)
+        all_hidden_states = [hidden_states] if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, rotary)
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+        hidden_states = self.final_norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states[-1] = hidden_states
+            all_hidden_states = tuple(all_hidden_states)
+        if not return_dict:
+            return tuple(v for v in (hidden_states, all_hidden_states) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+
+
+# ----------------------------------------------------------------------------------------------
+# The predictor
+# ----------------------------------------------------------------------------------------------
+
+
+class TextJepaPredictor(nn.Module):
+    """Narrow transformer: context states + mask tokens at target positions -> target predictions.
+
+    The context states are projected down to the predictor width Hp and given the predictor's own
+    position signal; each target position gets the shared learned mask token plus its position.
+    Both run through predictor layers with full attention; only the target rows are projected back
+    to the encoder width H.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        width = config.predictor_hidden_size
+        self.input_projection = nn.Linear(config.hidden_size, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        if config.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+            self.rotary = None
+        else:
+            self.position_embeddings = None
+            self.rotary = TextJepaRotaryEmbedding(width // config.predictor_num_attention_heads, config.rope_theta)
+        layer_config = copy.copy(config)
+        layer_config.norm_placement = "pre"  # the predictor is always pre-norm, closed by one LayerNorm
+        self.layers = nn.ModuleList(
+            TextJepaLayer(
+                layer_config, width, config.predictor_num_attention_heads, config.predictor_intermediate_size
+            )
+            for _ in range(config.predictor_num_hidden_layers)
+        )
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.output_projection = nn.Linear(width, config.hidden_size)
+
+    def forward(self, context_states, context_idx, target_idx, context_attention_mask=None):
+        # context_states (N, Nc, H); context_idx (N, Nc); target_idx (N, Nt) -> predictions (N, Nt, H)
+        num_context = context_idx.shape[1]
+        context = self.input_projection(context_states)  # (N, Nc, Hp)
+        targets = self.mask_token.to(context.dtype).expand(target_idx.shape[0], target_idx.shape[1], -1)
+        positions = torch.cat([context_idx, target_idx], dim=1)  # (N, Nc + Nt)
+        hidden_states = torch.cat([context, targets], dim=1)  # (N, Nc + Nt, Hp)
+        rotary = None
+        if self.position_embeddings is not None:
+            hidden_states = hidden_states + self.position_embeddings(positions)
+        else:
+            rotary = self.rotary(positions)
+        mask = None
+        if context_attention_mask is not None:
+            keep = torch.cat([context_attention_mask, torch.ones_like(target_idx)], dim=1)
+            mask = padding_mask_to_attention_mask(keep)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, mask, rotary)
+        return self.output_projection(self.norm(hidden_states[:, num_context:]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretraining: student + predictor + EMA teacher
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextJepaForPreTrainingOutput(ModelOutput):
+    """loss (scalar); predictions and targets (B*K, Nt, H); target_std and prediction_std: the mean
+    over dimensions of the per-dimension standard deviation across target tokens (detached). A value
+    near 0 means every token maps to the same vector: collapse."""
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    target_std: torch.Tensor | None = None
+    prediction_std: torch.Tensor | None = None
+
+
+def normalize_targets(hidden_states, kind):
+    """(B, L, H) float32 -> same shape. Parameter-free, so the teacher's targets have no learnable scale."""
+    if kind == "layer_norm":
+        return F.layer_norm(hidden_states, hidden_states.shape[-1:])
+    if kind == "instance_norm":  # each channel normalised over the sequence (data2vec)
+        return F.instance_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return hidden_states
+
+
+def per_dimension_std(x):
+    """(..., H) -> scalar: std of each dimension across all leading positions, averaged over H."""
+    return x.detach().float().reshape(-1, x.shape[-1]).std(dim=0).mean()
+
+
+class TextJepaForPreTraining(TextJepaPreTrainedModel):
+    """Student encoder (`self.textjepa`), predictor, and an EMA teacher that is deliberately *not* a
+    registered submodule: it has no gradients, stays out of `parameters()`/`state_dict()` (so DDP and
+    FSDP never wrap it and `save_pretrained` cannot mix it up with the student), and is created as a
+    copy of the student the first time it is needed (after any weight loading or DDP broadcast).
+    Checkpoints carry it through `teacher_state_dict()` / `load_teacher_state_dict()`.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.textjepa = TextJepaModel(config)
+        self.predictor = TextJepaPredictor(config)
+        self.post_init()
+        object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
+
+    # -- teacher ---------------------------------------------------------------------------------
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            teacher = copy.deepcopy(self.textjepa).float().eval()
+            teacher.requires_grad_(False)
+            object.__setattr__(self, "_teacher", teacher)
+        return self._teacher
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to(device) / .cuda() reach the unregistered teacher too
+        super()._apply(fn, *args, **kwargs)
+        if self._teacher is not None:
+            self._teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self._teacher is not None:
+            self._teacher.eval()  # the teacher never uses dropout
+        return self
+
+    @torch.no_grad()
+    def update_teacher(self, momentum):
+        """teacher <- momentum * teacher + (1 - momentum) * student, one fused foreach op.
+
+        Call once per optimizer step (on `accelerator.sync_gradients`), on the unwrapped model.
+        """
+        if momentum >= 1.0:
+            return
+        teacher_params = list(self.teacher.parameters())
+        student_params = [p.detach().to(t.dtype) for p, t in zip(self.textjepa.parameters(), teacher_params)]
+        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        for teacher_buffer, student_buffer in zip(self.teacher.buffers(), self.textjepa.buffers()):
+            teacher_buffer.copy_(student_buffer)
+
+    def teacher_state_dict(self):
+        return self.teacher.state_dict()
+
+    def load_teacher_state_dict(self, state_dict):
+        self.teacher.load_state_dict(state_dict, strict=True)
+
+    def ema_momentum(self, step, total_steps):
+        """EMA momentum at optimizer step `step` of `total_steps`, from the config's schedule."""
+        start, end = self.config.ema_momentum_start, self.config.ema_momentum_end
+        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
+        if self.config.ema_schedule == "constant":
+            return start
+        if self.config.ema_schedule == "linear":
+            return start + (end - start) * progress
+        return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
+
+    def export_encoder(self, save_directory, which="teacher", auto_map=False, **save_kwargs):
+        """Save the teacher (default) or student as a plain `TextJepaModel` directory (safetensors).
+
+        With auto_map=True the configuration/modeling files are copied beside the weights so
+        `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without textjepa installed.
+        """
+        if which not in ("teacher", "student"):
+            raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")
+        # a shallow module copy with its own config: the student shares self.config, which must not
+        # pick up the export's architectures/auto_map
+        encoder = copy.copy(self.teacher if which == "teacher" else self.textjepa)
+        encoder.config = copy.deepcopy(encoder.config)
+        encoder.config.architectures = ["TextJepaModel"]
+        if auto_map:
+            encoder.config.auto_map = {
+                "AutoConfig": "configuration_textjepa.TextJepaConfig",
+                "AutoModel": "modeling_textjepa.TextJepaModel",
+                "AutoModelForSequenceClassification": "modeling_textjepa.TextJepaForSequenceClassification",
+            }
+        encoder.save_pretrained(save_directory, **save_kwargs)
+        if auto_map:
+            here = os.path.dirname(os.path.abspath(__file__))
+            for name in ("configuration_textjepa.py", "modeling_textjepa.py"):
+                shutil.copyfile(os.path.join(here, name), os.path.join(save_directory, name))
+        return save_directory
+
+    # -- forward ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def compute_targets(self, input_ids, attention_mask=None):
+        """Teacher pass over the full sequence: (B, L) -> normalised targets (B, L, H), float32."""
+        outputs = self.teacher(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        layers = outputs.hidden_states[-self.config.target_num_layers :]
+        kind = self.config.target_norm
+        if len(layers) == 1:
+            return normalize_targets(layers[0].float(), kind)
+        averaged = torch.stack([normalize_targets(h.float(), kind) for h in layers]).mean(dim=0)
+        return normalize_targets(averaged, kind)
+
+    def forward(self, input_ids, context_idx, target_idx, attention_mask=None, return_dict=None, **kwargs):
+        # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt)
+        batch, length = input_ids.shape
+        if context_idx.dim() == 2:  # one mask per sequence
+            context_idx, target_idx = context_idx[:, None], target_idx[:, None]
+        num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
+        rows = batch * num_masks
+
+        # 1. teacher: one full-sequence pass shared by the K masks
+        targets_full = self.compute_targets(input_ids, attention_mask)  # (B, L, H)
+
+        # 2. student: only the visible tokens, keeping their original positions
+        context_idx = context_idx.reshape(rows, num_context)
+        target_idx = target_idx.reshape(rows, num_target)
+        row_to_sequence = torch.arange(batch, device=input_ids.device).repeat_interleave(num_masks)[:, None]
+        context_ids = input_ids[row_to_sequence, context_idx]  # (B*K, Nc)
+        context_mask = attention_mask[row_to_sequence, context_idx] if attention_mask is not None else None
+        context_states = self.textjepa(
+            context_ids, attention_mask=context_mask, position_ids=context_idx
+        ).last_hidden_state  # (B*K, Nc, H)
+
+        # 3. predictor: estimate the teacher's states at the target positions
+        predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
+        targets = targets_full[row_to_sequence, target_idx]  # (B*K, Nt, H)
+
+        return TextJepaForPreTrainingOutput(
+            loss=self.compute_loss(predictions, targets),
+            predictions=predictions,
+            targets=targets,
+            target_std=per_dimension_std(targets),
+            prediction_std=per_dimension_std(predictions),
+        )
+
+    def compute_loss(self, predictions, targets):
+        """Regression of predictions onto targets, in float32 (autocast may hand us bf16 predictions)."""
+        predictions = predictions.float()
+        if self.config.loss_type == "mse":
+            loss = F.mse_loss(predictions, targets)
+        else:
+            loss = F.smooth_l1_loss(predictions, targets, beta=self.config.smooth_l1_beta)
+        if self.config.variance_reg_weight > 0:
+            # VICReg-style hinge: push each prediction dimension's std across tokens up to 1
+            std = torch.sqrt(predictions.reshape(-1, predictions.shape[-1]).var(dim=0) + 1e-4)
+            loss = loss + self.config.variance_reg_weight * F.relu(1.0 - std).mean()
+        return loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Downstream head
+# ----------------------------------------------------------------------------------------------
+
+
+class TextJepaForSequenceClassification(TextJepaPreTrainedModel):
+    """Pooled encoder (config.classifier_pooling: "mean" or "cls") + dropout + linear head.
+
+    Loss follows HF's heads: regression (MSE) when num_labels == 1, cross-entropy for single-label
+    integer labels, BCE-with-logits for multi-label float labels.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.textjepa = TextJepaModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, token_type_ids=None, labels=None, return_dict=None, **kwargs
+    ):
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states = self.textjepa(input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+        pooled = pool_hidden_states(hidden_states, attention_mask, self.config.classifier_pooling)
+        logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
+
+        loss = None
+        if labels is not None:
+            problem_type = self.config.problem_type
+            if problem_type is None:
+                if self.num_labels == 1:
+                    problem_type = "regression"
+                elif labels.dtype in (torch.long, torch.int):
+                    problem_type = "single_label_classification"
+                else:
+                    problem_type = "multi_label_classification"
+            if problem_type == "regression":
+                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
+            elif problem_type == "single_label_classification":
+                loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        if not return_dict:
+            return (loss, logits) if loss is not None else (logits,)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+__all__ = [
+    "TextJepaPreTrainedModel",
+    "TextJepaModel",
+    "TextJepaPredictor",
+    "TextJepaForPreTraining",
+    "TextJepaForPreTrainingOutput",
+    "TextJepaForSequenceClassification",
+    "pool_hidden_states",
+]
