@@ -1,0 +1,405 @@
+"""Evaluation: metrics vs hand computations, encode, GLUE-style finetune/probe, STS, retrieval, suite,
+sentence-transformers round trip, MTEB protocol, bad inputs. Tiny generated tasks and tiny models."""
+
+import gzip
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import textjepa
+from textjepa.evaluation import metrics
+from textjepa.evaluation.embedding import SentenceEncoder, encode
+from textjepa.evaluation.glue import finetune, linear_probe
+from textjepa.evaluation.glue import main as glue_main
+from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, search
+from textjepa.evaluation.sts import evaluate_sts_task
+from textjepa.evaluation.tasks import load_task, load_task_dir
+
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "ugly"]
+FILLER = ["the", "a", "movie", "film", "plot", "was", "really", "quite", "story", "actors", "and", "very"]
+TOPICS = {"sport": ["ball", "goal", "team", "match", "score"], "music": ["song", "band", "guitar", "album", "tune"],
+          "food": ["bread", "soup", "salt", "cook", "meal"], "space": ["star", "orbit", "moon", "rocket", "planet"]}
+
+
+# ---------------------------------------------------------------- fixtures: tokenizer, models, tasks
+def _sentence(rng, words, n_filler=4):
+    tokens = [rng.choice(FILLER) for _ in range(n_filler)] + list(words)
+    rng.shuffle(tokens)
+    return " ".join(tokens)
+
+
+def _write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = POSITIVE + NEGATIVE + FILLER + [w for ws in TOPICS.values() for w in ws]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    tokenizer.train_from_iterator([" ".join(words)] * 5 + ["hello world xyz qrs"], trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", tokenizer.token_to_id("[CLS]")), ("[SEP]", tokenizer.token_to_id("[SEP]"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=64)
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id))
+    path = tmp_path_factory.mktemp("bert")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def jepa_dir(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = textjepa.TextJepaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                                     predictor_hidden_size=16, predictor_num_hidden_layers=1,
+                                     predictor_num_attention_heads=2, target_num_layers=1)
+    path = tmp_path_factory.mktemp("textjepa")
+    textjepa.TextJepaModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A sentiment task (single sentence, 2 labels), a similarity task (pairs, score) and a BEIR set."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    sentiment = root / "eval" / "sentiment"
+    sentiment.mkdir(parents=True)
+    for split, n in (("train", 60), ("validation", 24), ("test", 24)):
+        rows = []
+        for i in range(n):
+            label = i % 2
+            words = rng.sample(POSITIVE if label else NEGATIVE, 2)
+            rows.append({"sentence": _sentence(rng, words), "label": label})
+        _write_jsonl(sentiment / f"{split}.jsonl", rows)
+    (sentiment / "task.json").write_text(json.dumps({"kind": "single_sentence", "keys": ["sentence", None],
+                                                     "num_labels": 2, "metric": "accuracy"}))
+    similar = root / "eval" / "similar"
+    similar.mkdir(parents=True)
+    topic_names = list(TOPICS)
+    for split, n in (("train", 40), ("validation", 20), ("test", 20)):
+        rows = []
+        for i in range(n):
+            a, b = rng.choice(topic_names), rng.choice(topic_names)
+            rows.append({"sentence1": _sentence(rng, rng.sample(TOPICS[a], 3), 2),
+                         "sentence2": _sentence(rng, rng.sample(TOPICS[b], 3), 2), "label": 4.5 if a == b else 0.5})
+        _write_jsonl(similar / f"{split}.jsonl", rows)
+    (similar / "task.json").write_text(json.dumps({"kind": "sentence_pair", "keys": ["sentence1", "sentence2"],
+                                                   "num_labels": 1, "metric": "spearman"}))
+    beir = root / "retrieval" / "toy"
+    (beir / "qrels").mkdir(parents=True)
+    corpus, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
+    for t, topic in enumerate(topic_names):
+        for j in range(4):
+            corpus.append({"_id": f"d{t}_{j}", "title": topic, "text": " ".join(rng.sample(TOPICS[topic], 3))})
+        queries.append({"_id": f"q{t}", "text": " ".join(rng.sample(TOPICS[topic], 2))})
+        qrels += [f"q{t}\td{t}_0\t1", f"q{t}\td{t}_1\t2"]
+    with gzip.open(beir / "corpus.jsonl.gz", "wt") as f:  # .gz accepted
+        f.writelines(json.dumps(row) + "\n" for row in corpus)
+    _write_jsonl(beir / "queries.jsonl", queries)
+    (beir / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def bert_encoder(bert_dir):
+    return SentenceEncoder(bert_dir)
+
+
+# ---------------------------------------------------------------- metrics
+def test_classification_metrics_hand_computed():
+    labels, preds = [1, 0, 1, 1, 0, 0], [1, 0, 0, 1, 1, 0]
+    assert metrics.accuracy(labels, preds) == pytest.approx(4 / 6)
+    # TP=2, FP=1, FN=1 -> precision 2/3, recall 2/3, F1 2/3
+    assert metrics.f1(labels, preds) == pytest.approx(2 / 3)
+    # MCC = (TP*TN - FP*FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN)) = (4 - 1) / sqrt(3*3*3*3) = 1/3
+    assert metrics.matthews(labels, preds) == pytest.approx(1 / 3)
+    # no positive predictions: F1 is 0 (not NaN, no warning-as-error), MCC 0
+    assert metrics.f1([1, 0, 1], [0, 0, 0]) == 0.0
+    assert metrics.matthews([1, 0, 1], [0, 0, 0]) == 0.0
+    assert metrics.f1([0, 0, 0], [0, 0, 0]) == 0.0  # no positives anywhere
+    # 3 classes -> macro F1: class F1s are 1.0 (0), 2/3 (1), 0.0 (2; never predicted) -> 5/9
+    assert metrics.f1([0, 1, 1, 2], [0, 1, 1, 1], num_labels=3) == pytest.approx((1.0 + 0.8 + 0.0) / 3)
+
+
+def test_correlations_hand_computed_with_ties():
+    gold = [1.0, 2.0, 2.0, 3.0, 4.0]
+    pred = [10.0, 20.0, 30.0, 30.0, 50.0]
+    # average ranks: gold [1, 2.5, 2.5, 4, 5], pred [1, 2, 3.5, 3.5, 5]; Spearman = Pearson of ranks
+    rg, rp = np.array([1, 2.5, 2.5, 4, 5]), np.array([1, 2, 3.5, 3.5, 5])
+    expected = ((rg - rg.mean()) * (rp - rp.mean())).sum() / math.sqrt(((rg - rg.mean()) ** 2).sum()
+                                                                       * ((rp - rp.mean()) ** 2).sum())
+    assert metrics.spearman(gold, pred) == pytest.approx(expected)
+    assert expected == pytest.approx(8.75 / 9.5)  # centred ranks: sum of products 8.75, each sum of squares 9.5
+    x, y = np.array(gold), np.array(pred)
+    assert metrics.pearson(gold, pred) == pytest.approx(np.corrcoef(x, y)[0, 1])
+    assert metrics.spearman([1, 1, 1], [1, 2, 3]) == 0.0  # constant input: defined as 0, not NaN
+
+
+def test_retrieval_metrics_hand_computed():
+    relevance = {"a": 2, "b": 1, "z": 0}
+    ranked = ["x", "a", "y", "b"]
+    dcg = 2 / math.log2(3) + 1 / math.log2(5)
+    idcg = 2 / math.log2(2) + 1 / math.log2(3)
+    assert metrics.ndcg_at_k(ranked, relevance, 10) == pytest.approx(dcg / idcg)
+    assert metrics.ndcg_at_k(ranked, relevance, 1) == 0.0
+    assert metrics.recall_at_k(ranked, relevance, 2) == pytest.approx(0.5)
+    assert metrics.recall_at_k(ranked, relevance, 4) == pytest.approx(1.0)
+    assert metrics.mrr_at_k(ranked, relevance, 10) == pytest.approx(0.5)
+    assert metrics.mrr_at_k(ranked, relevance, 1) == 0.0
+    assert metrics.mrr_at_k(["z", "b"], relevance, 10) == pytest.approx(0.5)  # relevance 0 is not relevant
+
+
+# ---------------------------------------------------------------- encode
+def test_encode_sorted_batches_equal_one_by_one(bert_dir, bert_encoder):
+    texts = ["good", "the movie was really quite awful and boring", "a plot", "", "very nice film and actors"]
+    batched = bert_encoder.encode(texts, batch_size=2)
+    single = np.concatenate([bert_encoder.encode([t], batch_size=1) for t in texts])
+    assert batched.shape == (5, 32) and batched.dtype == np.float32
+    np.testing.assert_allclose(batched, single, atol=1e-5)  # order restored, padding masked out
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    # masked mean by hand for one sentence
+    model, tokenizer = bert_encoder.model, bert_encoder.tokenizer
+    ids = tokenizer(texts[1], return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**ids).last_hidden_state[0]
+    manual = hidden.mean(0)
+    np.testing.assert_allclose(encode(model, tokenizer, [texts[1]], normalize=False, show_progress=False)[0],
+                               manual.numpy(), atol=1e-5)
+    cls = encode(model, tokenizer, texts[1], pooling="cls", normalize=False, show_progress=False)
+    np.testing.assert_allclose(cls[0], hidden[0].numpy(), atol=1e-5)
+    assert isinstance(bert_encoder.encode(texts, convert_to_tensor=True), torch.Tensor)
+    bf16 = encode(model, tokenizer, texts, dtype=torch.bfloat16, show_progress=False)  # autocast compute dtype
+    assert bf16.dtype == np.float32 and np.abs(bf16 - batched).max() < 0.05
+
+
+def test_encode_textjepa_model(jepa_dir):
+    encoder = SentenceEncoder(jepa_dir)
+    assert type(encoder.model).__name__ == "TextJepaModel"
+    texts = ["good film", "the plot was awful and very boring"]
+    np.testing.assert_allclose(encoder.encode(texts, batch_size=2),
+                               np.concatenate([encoder.encode([t]) for t in texts]), atol=1e-5)
+
+
+def test_mteb_protocol(bert_encoder):
+    from textjepa.evaluation.mteb_adapter import MtebEncoder
+
+    adapter = MtebEncoder(bert_encoder)
+    texts = ["good film", "awful plot", "the actors"]
+    plain = adapter.encode(texts, task_name="STSBenchmark", prompt_type=None, batch_size=2)
+    batches = adapter.encode([{"text": texts[:2]}, {"text": texts[2:]}], task_metadata=None, hf_split="test")
+    assert isinstance(plain, np.ndarray) and plain.shape == (3, 32)
+    np.testing.assert_allclose(plain, batches, atol=1e-6)
+    similarity = adapter.similarity(plain, plain)
+    np.testing.assert_allclose(np.diag(similarity), 1.0, atol=1e-5)
+    np.testing.assert_allclose(adapter.similarity_pairwise(plain, plain[::-1]), similarity[[0, 1, 2], [2, 1, 0]], atol=1e-6)
+
+
+# ---------------------------------------------------------------- GLUE-style
+def test_linear_probe_and_finetune_end_to_end(bert_dir, bert_encoder, data_dir, tmp_path):
+    spec = load_task_dir(data_dir / "eval" / "sentiment")
+    probe = linear_probe(bert_encoder, spec)
+    assert probe["mode"] == "linear_probe" and probe["C"] in (0.001, 0.01, 0.1, 1.0, 10.0)
+    assert probe["test"]["accuracy"] >= 80.0  # sentiment words are linearly visible in mean-pooled embeddings
+
+    pair = load_task_dir(data_dir / "eval" / "similar")
+    pair_probe = linear_probe(bert_encoder, pair)
+    assert set(pair_probe["test"]) == {"pearson", "spearman"} and "alpha" in pair_probe
+
+    args = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0, max_length=32,
+                           per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-3,
+                           weight_decay=0.01, num_train_epochs=5, max_train_steps=None, lr_scheduler_type="linear",
+                           num_warmup_steps=0, save_model=False, output_dir=None, show_progress=False)
+    tuned = finetune(bert_dir, spec, args)
+    assert [h["epoch"] for h in tuned["history"]] == [0, 1, 2, 3, 4]
+    assert tuned["history"][-1]["step"] == 5 * math.ceil(60 / 8)
+    best = max(h["validation"]["accuracy"] for h in tuned["history"])
+    assert tuned["validation"]["accuracy"] == best
+    assert tuned["history"][0]["validation"]["accuracy"] < 100.0  # it had to learn something
+    assert tuned["test"]["accuracy"] >= 90.0  # 5 epochs at lr 5e-3 learn word-level sentiment
+
+    # the command line on a regression task (keys, num_labels and metric from task.json)
+    out = tmp_path / "glue_out"
+    task = data_dir / "eval" / "similar"
+    glue_main(["--model_name_or_path", str(bert_dir), "--train_file", str(task / "train.jsonl"),
+               "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
+               "--mode", "finetune", "--num_train_epochs", "1", "--output_dir", str(out), "--no_progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "finetune" and results["metric"] == "spearman" and "spearman" in results["test"]
+
+
+def test_finetune_textjepa_cli(jepa_dir, data_dir, tmp_path, capsys):
+    task = data_dir / "eval" / "sentiment"
+    out = tmp_path / "out"
+    glue_main(["--model_name_or_path", str(jepa_dir), "--train_file", str(task / "train.jsonl"),
+               "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
+               "--mode", "finetune", "--num_train_epochs", "2", "--learning_rate", "1e-3",
+               "--per_device_train_batch_size", "8", "--output_dir", str(out), "--no_progress"])
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["history"]) == 2 and 0.0 <= results["test"]["accuracy"] <= 100.0
+    assert "sentiment finetune: validation accuracy" in capsys.readouterr().out
+    glue_main(["--model_name_or_path", str(jepa_dir), "--train_file", str(task / "train.jsonl"),
+               "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
+               "--mode", "linear_probe", "--output_dir", str(out), "--no_progress"])
+    assert json.loads((out / "results.json").read_text())["mode"] == "linear_probe"
+
+
+def test_sts_zero_shot(bert_encoder, data_dir):
+    spec = load_task_dir(data_dir / "eval" / "similar")
+    results = evaluate_sts_task(bert_encoder, spec)
+    s1, s2 = spec.splits["test"]["sentence1"], spec.splits["test"]["sentence2"]
+    u, v = bert_encoder.encode(s1), bert_encoder.encode(s2)
+    from scipy.stats import spearmanr
+
+    expected = 100 * spearmanr(spec.splits["test"]["label"], (u * v).sum(1)).statistic
+    assert results["test"]["spearman"] == pytest.approx(expected, abs=1e-4)
+    assert results["test"]["spearman"] > 20.0  # shared topic words raise cosine even in a random encoder
+
+
+# ---------------------------------------------------------------- retrieval
+def test_search_matches_full_sort():
+    rng = np.random.default_rng(0)
+    queries, corpus = rng.normal(size=(13, 8)), rng.normal(size=(101, 8))
+    scores, indices = search(queries, corpus, k=7, query_chunk=4, corpus_chunk=10)
+    full = np.argsort(-(queries @ corpus.T), axis=1)[:, :7]
+    np.testing.assert_array_equal(indices.numpy(), full)
+    assert search(queries, corpus[:3], k=10)[1].shape == (13, 3)
+
+
+def test_retrieval_equals_brute_force(bert_encoder, data_dir):
+    corpus, queries, qrels = load_beir(data_dir / "retrieval" / "toy")
+    assert corpus["d0_0"].startswith("sport ")  # title + text joined
+    results = evaluate_retrieval(bert_encoder, corpus, queries, qrels, name="toy")
+    doc_ids, query_ids = list(corpus), list(qrels)
+    d = bert_encoder.encode([corpus[i] for i in doc_ids])
+    q = bert_encoder.encode([queries[i] for i in query_ids])
+    order = np.argsort(-(q @ d.T), axis=1, kind="stable")
+    ndcg, r1, r10, mrr = [], [], [], []
+    for qi, qid in enumerate(query_ids):
+        ranked = [doc_ids[j] for j in order[qi]]
+        rel = qrels[qid]
+        gains = [rel.get(doc, 0) for doc in ranked[:10]]
+        ideal = sorted(rel.values(), reverse=True)
+        ndcg.append(sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+                    / sum(g / math.log2(i + 2) for i, g in enumerate(ideal)))
+        r1.append(sum(doc in rel for doc in ranked[:1]) / len(rel))
+        r10.append(sum(doc in rel for doc in ranked[:10]) / len(rel))
+        first = next((i for i, doc in enumerate(ranked[:10]) if doc in rel), None)
+        mrr.append(0.0 if first is None else 1 / (first + 1))
+    got = results["test"]
+    assert got["ndcg_at_10"] == pytest.approx(100 * np.mean(ndcg), abs=1e-6)
+    assert got["recall_at_1"] == pytest.approx(100 * np.mean(r1), abs=1e-6)
+    assert got["recall_at_10"] == pytest.approx(100 * np.mean(r10), abs=1e-6)
+    assert got["recall_at_100"] == pytest.approx(100.0)  # 16 docs: everything is in the top 100
+    assert got["mrr_at_10"] == pytest.approx(100 * np.mean(mrr), abs=1e-6)
+
+
+# ---------------------------------------------------------------- suite
+def test_suite_command_prints_table(bert_dir, jepa_dir, data_dir, tmp_path, capsys):
+    from textjepa.cli import main as cli_main
+
+    output = tmp_path / "suite.json"
+    assert cli_main(["evaluate", "--model", str(bert_dir), "--model", str(jepa_dir), "--data-dir", str(data_dir),
+                     "--output", str(output), "--quiet", "--max-examples", "30"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(output.read_text())
+    lines = [line for line in printed.splitlines() if line.startswith("|")]
+    assert lines[0] == f"| task / metric | {bert_dir.parent.name}/{bert_dir.name} | {jepa_dir.parent.name}/{jepa_dir.name} |"
+    labels = [line.split("|")[1].strip() for line in lines[2:]]
+    assert labels == ["sentiment probe accuracy (test)", "similar probe spearman (test)",
+                      "similar zero-shot spearman (test)", "toy retrieval ndcg_at_10 (test)", "**average**", "seconds"]
+    tasks = report["results"][str(bert_dir)]["tasks"]
+    headline = [t["test"][t["metric"]] for t in tasks]
+    assert lines[2 + 4].split("|")[2].strip() == f"**{np.mean(headline):.1f}**"
+    assert report["results"][str(bert_dir)]["tasks"][0]["num_examples"] == {"train": 30, "validation": 24, "test": 24}
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_inputs_name_the_file_and_problem(data_dir, tmp_path, tokenizer_dir):
+    src = data_dir / "eval" / "sentiment"
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "task.json").write_text((src / "task.json").read_text())
+    (task / "train.jsonl").write_text((src / "train.jsonl").read_text())
+    rows = [json.loads(line) for line in (src / "validation.jsonl").read_text().splitlines()]
+
+    _write_jsonl(task / "validation.jsonl", [{"sentence": r["sentence"]} for r in rows])
+    with pytest.raises(ValueError, match=r"validation\.jsonl: no label column 'label'"):
+        load_task(task / "train.jsonl", task / "validation.jsonl")
+
+    _write_jsonl(task / "validation.jsonl", [dict(r, label=5 if i == 3 else r["label"]) for i, r in enumerate(rows)])
+    with pytest.raises(ValueError, match=r"validation\.jsonl: row 3 has label 5, outside 0\.\.1"):
+        load_task(task / "train.jsonl", task / "validation.jsonl")
+
+    (task / "validation.jsonl").write_text("")
+    with pytest.raises(ValueError, match=r"validation\.jsonl: empty split"):
+        load_task(task / "train.jsonl", task / "validation.jsonl")
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    _write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "", "text": "x"}])
+    _write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "x"}])
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n")
+    with pytest.raises(ValueError, match=r"test\.tsv: 1 corpus ids not in corpus\.jsonl, e\.g\. \['d9'\]"):
+        load_beir(beir)
+    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq7\td1\t1\n")
+    with pytest.raises(ValueError, match=r"test\.tsv: 1 query ids not in queries\.jsonl"):
+        load_beir(beir)
+
+    with pytest.raises(ValueError, match=r"no config\.json; not a transformers model directory"):
+        SentenceEncoder(tokenizer_dir)  # a tokenizer directory is not an encoder
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        SentenceEncoder(tmp_path / "missing")
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
+    with pytest.raises(ValueError, match=r"no_weights: AutoModel\.from_pretrained could not load an encoder"):
+        SentenceEncoder(no_weights)
+
+
+def test_sentence_transformers_round_trip(bert_dir, jepa_dir, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from textjepa.evaluation import export_sentence_transformer
+
+    texts = ["good film and very nice actors", "awful", "the plot was boring", ""]
+    for model_dir in (bert_dir, jepa_dir):
+        out = tmp_path / f"st_{model_dir.name}"
+        export_sentence_transformer(model_dir, out, pooling="mean", normalize=True)
+        assert json.loads((out / "modules.json").read_text())[-1]["type"].endswith("Normalize")
+        st = SentenceTransformer(str(out), device="cpu")
+        ours = SentenceEncoder(model_dir).encode(texts)
+        np.testing.assert_allclose(st.encode(texts, batch_size=2), ours, atol=1e-5)
+        np.testing.assert_allclose(SentenceEncoder(out).encode(texts), ours, atol=1e-6)  # ST dir loads in ours too

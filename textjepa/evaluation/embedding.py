@@ -1,0 +1,173 @@
+"""Sentence embeddings from any encoder that `transformers.AutoModel` loads.
+
+    from textjepa.evaluation import SentenceEncoder
+    encoder = SentenceEncoder("path/to/export")            # AutoModel + AutoTokenizer
+    vectors = encoder.encode(["a sentence", "another"])    # (2, H) float32, L2-normalised, mean-pooled
+
+`encode()` tokenizes every text once up front (fast tokenizers batch this in Rust), sorts by token
+count so each batch pads to nearly its own length, runs the model under `torch.inference_mode`,
+pools with the project's masked pooling (`textjepa.pool_hidden_states`) and restores input order.
+"""
+
+import json
+import os
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
+
+POOLINGS = ("mean", "cls")
+
+
+def default_max_length(config, tokenizer, model_dir=None, cap=512):
+    """Longest input to feed: a sentence-transformers directory's max_seq_length when present, else the
+    smallest of the tokenizer's stated limit, the position table and `cap`."""
+    if model_dir is not None and os.path.isfile(os.path.join(str(model_dir), "sentence_bert_config.json")):
+        with open(os.path.join(str(model_dir), "sentence_bert_config.json")) as f:
+            max_seq_length = json.load(f).get("max_seq_length")
+        if max_seq_length:
+            return int(max_seq_length)
+    candidates = [cap]
+    if tokenizer.model_max_length and tokenizer.model_max_length < 1_000_000:  # HF uses 1e30 for "unset"
+        candidates.append(int(tokenizer.model_max_length))
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions:
+        candidates.append(int(positions))
+    return min(candidates)
+
+
+def encode(model, tokenizer, texts, pooling="mean", normalize=True, batch_size=64, max_length=None, device=None,
+           show_progress=True, dtype=None, convert_to_tensor=False):
+    """Embed `texts` -> (N, H) float32 np.ndarray (or torch tensor on CPU with convert_to_tensor=True).
+
+    pooling: "mean" (masked mean over real tokens) or "cls" (first token).
+    dtype: compute dtype via autocast (e.g. torch.bfloat16); None keeps the model's own dtype.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"encode: pooling={pooling!r}; expected one of {POOLINGS}")
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"encode: texts[{i}] is {type(text).__name__}, expected str")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if next(model.parameters()).device != device:
+        model.to(device)
+    max_length = max_length or default_max_length(model.config, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
+    model.eval()
+
+    token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+    order = np.argsort([-len(ids) for ids in token_ids], kind="stable")  # longest first: OOM shows at once
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    pooled_batches = []
+    with torch.inference_mode(), autocast:
+        for start in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch", disable=not show_progress):
+            rows = order[start:start + batch_size]
+            longest = max(len(token_ids[i]) for i in rows)
+            input_ids = np.full((len(rows), longest), pad_id, dtype=np.int64)  # (B, T), right padded
+            attention_mask = np.zeros((len(rows), longest), dtype=np.int64)
+            for r, i in enumerate(rows):
+                input_ids[r, :len(token_ids[i])] = token_ids[i]
+                attention_mask[r, :len(token_ids[i])] = 1
+            input_ids = torch.from_numpy(input_ids).to(device)
+            attention_mask = torch.from_numpy(attention_mask).to(device)
+            output = model(input_ids=input_ids, attention_mask=attention_mask)
+            hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]  # (B, T, H)
+            if hidden.dim() != 3:
+                raise ValueError(f"encode: {type(model).__name__} returned {tuple(hidden.shape)}, expected (B, T, H) "
+                                 "hidden states; is this an encoder (AutoModel), not a task head?")
+            pooled = pool_hidden_states(hidden.float(), attention_mask, pooling=pooling)  # (B, H) fp32
+            if normalize:
+                pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
+            pooled_batches.append(pooled.cpu())
+    if not pooled_batches:
+        hidden_size = getattr(model.config, "hidden_size", 0)
+        embeddings = torch.empty(0, hidden_size)
+    else:
+        embeddings = torch.empty_like(torch.cat(pooled_batches))
+        embeddings[torch.from_numpy(order)] = torch.cat(pooled_batches)  # back to input order
+    return embeddings if convert_to_tensor else embeddings.numpy()
+
+
+def _transformer_dir(model_dir):
+    """A sentence-transformers directory may keep the transformer in a subfolder (modules.json says where)."""
+    modules_file = os.path.join(model_dir, "modules.json")
+    if os.path.isfile(modules_file):
+        with open(modules_file) as f:
+            modules = json.load(f)
+        for module in modules:
+            if module.get("type", "").endswith("Transformer") and module.get("path"):
+                return os.path.join(model_dir, module["path"])
+    return model_dir
+
+
+def load_encoder(model_name_or_path, device=None):
+    """AutoModel + AutoTokenizer with errors that say which directory is wrong and how."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = str(model_name_or_path)
+    if os.path.isdir(path):
+        path = _transformer_dir(path)
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{path}: no config.json; not a transformers model directory "
+                             "(expected the output of save_pretrained / textjepa export)")
+    elif os.path.sep in path or path.startswith("."):
+        raise FileNotFoundError(f"{path}: model directory does not exist")
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is an encoder-decoder; "
+                         "expected an encoder that AutoModel returns hidden states for")
+    try:
+        model = AutoModel.from_pretrained(path)
+    except (ValueError, KeyError, OSError) as error:
+        raise ValueError(f"{path}: AutoModel.from_pretrained could not load an encoder "
+                         f"(model_type {config.model_type!r}): {error}") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ValueError, KeyError, OSError, TypeError) as error:
+        raise ValueError(f"{path}: no usable tokenizer beside the model (tokenizer.json / tokenizer_config.json): "
+                         f"{error}") from error
+    if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
+        raise ValueError(f"{path}: {type(model).__name__} takes no token ids; expected a text encoder")
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+class SentenceEncoder:
+    """An encoder directory + pooling settings; `.encode(texts)` gives (N, H) float32 embeddings."""
+
+    def __init__(self, model_name_or_path, pooling="mean", normalize=True, max_length=None, batch_size=64,
+                 device=None, dtype=None):
+        self.name = str(model_name_or_path)
+        self.model, self.tokenizer = load_encoder(model_name_or_path, device=device)
+        model_dir = self.name if os.path.isdir(self.name) else None
+        self.max_length = max_length or default_max_length(self.model.config, self.tokenizer, model_dir)
+        self.pooling, self.normalize, self.batch_size, self.dtype = pooling, normalize, batch_size, dtype
+        self.device = next(self.model.parameters()).device
+        self._check_output()
+
+    def _check_output(self):
+        """One tiny forward pass so a directory that is not an encoder fails here, naming itself."""
+        try:
+            vector = self.encode(["hello world"], show_progress=False)
+        except Exception as error:
+            raise ValueError(f"{self.name}: a forward pass on one sentence failed; not a usable encoder: {error}") from error
+        if vector.ndim != 2 or vector.shape[0] != 1:
+            raise ValueError(f"{self.name}: encode gave shape {vector.shape}, expected (1, H)")
+
+    @property
+    def dimension(self):
+        return int(self.model.config.hidden_size)
+
+    def encode(self, texts, batch_size=None, show_progress=False, convert_to_tensor=False, normalize=None, pooling=None):
+        return encode(self.model, self.tokenizer, texts, pooling=pooling or self.pooling,
+                      normalize=self.normalize if normalize is None else normalize,
+                      batch_size=batch_size or self.batch_size, max_length=self.max_length, device=self.device,
+                      show_progress=show_progress, dtype=self.dtype, convert_to_tensor=convert_to_tensor)

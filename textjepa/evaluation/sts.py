@@ -1,0 +1,68 @@
+"""Zero-shot semantic textual similarity: cosine of pooled embeddings vs gold scores, Spearman x100.
+
+    python -m textjepa.evaluation.sts --model DIR --task_dir ../shared/data/eval/stsb [--split test]
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+from textjepa.evaluation.metrics import pearson, spearman
+from textjepa.evaluation.tasks import labels_of, load_task_dir, texts_of
+
+
+def cosine_scores(encoder, sentences1, sentences2, show_progress=False):
+    """(N,) cosine similarity of each pair; every distinct sentence is encoded once."""
+    unique = sorted(set(sentences1) | set(sentences2))
+    embeddings = encoder.encode(unique, show_progress=show_progress, normalize=True)  # (U, H), unit rows
+    row_of = {text: i for i, text in enumerate(unique)}
+    u = embeddings[[row_of[t] for t in sentences1]]
+    v = embeddings[[row_of[t] for t in sentences2]]
+    return (u * v).sum(axis=1)
+
+
+def evaluate_sts(encoder, sentences1, sentences2, gold_scores, show_progress=False):
+    if not (len(sentences1) == len(sentences2) == len(gold_scores)) or len(gold_scores) == 0:
+        raise ValueError(f"evaluate_sts: need equal non-zero lengths, got {len(sentences1)}, {len(sentences2)}, "
+                         f"{len(gold_scores)}")
+    cosine = cosine_scores(encoder, sentences1, sentences2, show_progress)
+    gold = np.asarray(gold_scores, dtype=np.float64)
+    return {"spearman": 100.0 * spearman(gold, cosine), "pearson": 100.0 * pearson(gold, cosine)}
+
+
+def evaluate_sts_task(encoder, spec, split="test", show_progress=False):
+    """Zero-shot STS on one split of a loaded score task (num_labels == 1, sentence pairs)."""
+    if not (spec.is_regression and spec.is_pair):
+        raise ValueError(f"{spec.source}: zero-shot STS needs a sentence-pair score task (num_labels 1, two keys)")
+    if split not in spec.splits:
+        raise ValueError(f"{spec.name}: no {split} split for zero-shot STS")
+    start = time.time()
+    s1, s2 = texts_of(spec, split)
+    results = evaluate_sts(encoder, s1, s2, labels_of(spec, split), show_progress)
+    return {"task": spec.name, "mode": "zero_shot_sts", "model": encoder.name, "split": split, "metric": "spearman",
+            split: results, "seconds": time.time() - start}
+
+
+def main(argv=None):
+    from textjepa.evaluation.embedding import SentenceEncoder
+
+    p = argparse.ArgumentParser(description="zero-shot STS (cosine Spearman x100)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--task_dir", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    p.add_argument("--output", default=None)
+    args = p.parse_args(argv)
+    results = evaluate_sts_task(SentenceEncoder(args.model, pooling=args.pooling), load_task_dir(args.task_dir),
+                                args.split, show_progress=True)
+    print(f"{results['task']} zero-shot {args.split}: spearman {results[args.split]['spearman']:.2f}")
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
