@@ -1,0 +1,179 @@
+"""Loading (txt/jsonl/parquet/csv, globs, streaming), packing into exact blocks, splits, bad inputs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from textjepa.data import (build_pretraining_datasets, check_block_size, load_text_dataset, load_tokenizer,
+                           separator_token_id)
+from textjepa.masking import MaskingConfig, SpanMaskCollator
+from textjepa.tokenization import train_tokenizer
+
+WORDS = ("the a of to in cat dog sat on mat river bank money flows quickly slowly green idea sleeps "
+         "furious colour ship whale captain sea storm night day light dark old new tree stone").split()
+BLOCK = 32
+
+
+def make_docs(num_docs, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, rng.integers(5, 40))) + "." for _ in range(num_docs)]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A small corpus in every format plus a unigram tokenizer trained on it."""
+    root = tmp_path_factory.mktemp("corpus")
+    docs = make_docs(300)
+    (root / "a.txt").write_text("\n\n".join(docs[:150]) + "\n", encoding="utf-8")
+    (root / "b.txt").write_text("\n\n\n".join(docs[150:200]) + "\n\n", encoding="utf-8")  # extra blank lines
+    with open(root / "c.jsonl", "w", encoding="utf-8") as f:
+        for i, d in enumerate(docs[200:250]):
+            f.write(json.dumps({"id": i, "content": d}) + "\n")
+    import datasets
+
+    datasets.Dataset.from_dict({"content": docs[250:], "n": list(range(50))}).to_parquet(str(root / "d.parquet"))
+    tokenizer = train_tokenizer(str(root / "a.txt"), vocab_size=100, model="unigram", output_dir=str(root / "tok"))
+    return root, docs, tokenizer
+
+
+def encoded_length(tokenizer, docs):
+    """Tokens of docs when each is followed by one separator (what packing consumes)."""
+    return sum(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
+
+
+def test_load_txt_paragraphs_lines_and_globs(corpus):
+    root, docs, _ = corpus
+    ds = load_text_dataset(str(root / "a.txt"))
+    assert ds.column_names == ["text"] and ds["text"] == docs[:150]
+    # "\n\n\n" separators: paragraphs are stripped, blank ones dropped
+    ds = load_text_dataset(str(root / "*.txt"))
+    assert ds["text"] == docs[:200]
+    lines = load_text_dataset(str(root / "a.txt"), txt_mode="line")
+    assert lines["text"] == docs[:150]  # blank lines are counted skips
+
+
+def test_load_jsonl_parquet_with_text_column_and_mixed_sources(corpus):
+    root, docs, _ = corpus
+    ds = load_text_dataset(str(root / "c.jsonl"), text_column="content")
+    assert ds.column_names == ["text"] and ds["text"] == docs[200:250]
+    ds = load_text_dataset(str(root / "d.parquet"), text_column="content")
+    assert ds["text"] == docs[250:]
+    mixed = load_text_dataset([str(root / "d.parquet"), str(root / "c.jsonl")], text_column="content")
+    assert sorted(mixed["text"]) == sorted(docs[200:])
+
+
+def test_csv_and_streaming(tmp_path, corpus):
+    root, docs, _ = corpus
+    import csv
+
+    with open(tmp_path / "e.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows([[d, 1] for d in docs[:20]])
+    assert load_text_dataset(str(tmp_path / "e.csv"))["text"] == docs[:20]
+    streamed = load_text_dataset(str(root / "c.jsonl"), text_column="content", streaming=True)
+    assert [row["text"] for row in streamed] == docs[200:250]
+
+
+def test_packing_gives_exact_blocks_and_counts_every_token(corpus):
+    root, docs, tokenizer = corpus
+    sources = [str(root / "a.txt"), str(root / "c.jsonl")]
+    with pytest.raises(KeyError):  # a.txt has "text", c.jsonl has "content": the jsonl part fails
+        build_pretraining_datasets(sources, tokenizer, BLOCK, validation_fraction=0)
+    train, valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=0)
+    assert valid is None and train.column_names == ["input_ids"]
+    blocks = np.array(train["input_ids"])
+    assert blocks.shape[1] == BLOCK and blocks.shape[0] > 10
+    sep = separator_token_id(tokenizer)
+    assert sep == tokenizer.eos_token_id == 2
+    assert (blocks == sep).sum() >= 140  # one separator per document (the dropped tail may hold a few)
+    assert tokenizer.pad_token_id not in blocks  # packing, not padding
+    total = encoded_length(tokenizer, docs[:150])
+    # one map batch (150 docs < 1000): only its last partial block is dropped
+    assert blocks.size == total - total % BLOCK
+    # the stream is the documents in order, each followed by </s>
+    first_doc = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
+    stream = blocks.ravel().tolist()
+    assert stream[: len(first_doc) + 1] == first_doc + [sep]
+
+
+def test_validation_by_fraction_by_file_streaming_and_num_proc(corpus):
+    root, docs, tokenizer = corpus
+    train, valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=0.2,
+                                              num_proc=2, seed=0)
+    total = encoded_length(tokenizer, docs[:150]) // BLOCK
+    assert 0.1 < len(valid) / (len(train) + len(valid)) < 0.3
+    assert total - 2 <= len(train) + len(valid) <= total  # each split drops at most one partial block
+    train_f, valid_f = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK,
+                                                  validation_files=[str(root / "b.txt")])
+    assert len(valid_f) == encoded_length(tokenizer, docs[150:200]) // BLOCK
+    assert len(train_f) == total
+    # streaming yields the same blocks as the map-style path
+    stream_train, _ = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=0,
+                                                 streaming=True)
+    assert [row["input_ids"] for row in stream_train] == train_f["input_ids"]
+    stream_train, stream_valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK,
+                                                            validation_fraction=0.2, streaming=True)
+    assert len(list(stream_valid)) > 0 and len(list(stream_train)) > 3 * len(list(stream_valid))
+
+
+def test_packed_blocks_collate_through_a_dataloader(corpus):
+    root, _, tokenizer = corpus
+    train, _ = build_pretraining_datasets(str(root / "d.parquet"), str(root / "tok"), BLOCK, text_column="content",
+                                          validation_fraction=0)
+    collator = SpanMaskCollator(MaskingConfig(num_masks=2, special_token_ids=[separator_token_id(tokenizer)]))
+    loader = torch.utils.data.DataLoader(train, batch_size=4, shuffle=True, collate_fn=collator)
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == (4, BLOCK)
+    assert batch["target_idx"].shape == (4, 2, round(0.3 * BLOCK))
+    assert batch["context_idx"].shape == (4, 2, BLOCK - round(0.3 * BLOCK))
+    targets = torch.gather(batch["input_ids"][:, None].expand(-1, 2, -1), 2, batch["target_idx"])
+    assert not (targets == separator_token_id(tokenizer)).any()
+
+
+def test_existing_hf_tokenizer_directory_without_eos_uses_sep(tmp_path):
+    # a BERT-style WordPiece directory (like the all-MiniLM vocab): no eos, [SEP] separates documents
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + ["."])}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]",
+                            cls_token="[CLS]", mask_token="[MASK]").save_pretrained(tmp_path / "bert")
+    tokenizer = load_tokenizer(tmp_path / "bert")
+    assert separator_token_id(tokenizer) == 3
+    (tmp_path / "x.txt").write_text("\n\n".join(make_docs(40)), encoding="utf-8")
+    train, _ = build_pretraining_datasets(str(tmp_path / "x.txt"), tokenizer, 16, validation_fraction=0)
+    assert 3 in np.array(train["input_ids"])
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path, corpus):
+    root, _, tokenizer = corpus
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_text_dataset(str(tmp_path / "missing.txt"))
+    with pytest.raises(FileNotFoundError, match="matched no files"):
+        load_text_dataset(str(tmp_path / "*.parquet"))
+    (tmp_path / "blank.txt").write_text("\n\n   \n\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="no non-empty documents"):
+        load_text_dataset(str(tmp_path / "blank.txt"))
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("caf\u00e9 ok\n\nsecond paragraph".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: bytes at offset 3 are not valid UTF-8"):
+        load_text_dataset(str(bad))
+    assert load_text_dataset(str(bad), encoding_errors="replace")["text"][0] == "caf\ufffd ok"
+    with pytest.raises(KeyError, match=r"'body' not found .* available columns: \['id', 'content'\]"):
+        load_text_dataset(str(root / "c.jsonl"), text_column="body")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        (tmp_path / "notes.md").write_text("hi")
+        load_text_dataset(str(tmp_path / "*.md"))
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        check_block_size(256, 128)
+    assert check_block_size(128, 128) == 128
+    (tmp_path / "tiny.txt").write_text("cat sat.\n\ndog sat.\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="fewer than one block"):
+        build_pretraining_datasets(str(tmp_path / "tiny.txt"), tokenizer, 64, validation_fraction=0)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=1.5)

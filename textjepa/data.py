@@ -1,0 +1,335 @@
+"""Text in, packed blocks of token ids out.
+
+    load_text_dataset(sources)                -> datasets.Dataset with one column "text" (one document per row)
+    load_tokenizer(path)                      -> PreTrainedTokenizerFast (ours or any HF tokenizer dir)
+    build_pretraining_datasets(sources, tok, block_size) -> (train, valid), one column "input_ids" of
+                                                 exactly block_size ints: documents joined by a separator
+                                                 token (</s> for our tokenizers, [SEP] for BERT's), no padding
+    check_block_size(block_size, max_position_embeddings)  -> raises when the model cannot read a block
+
+Sources are local files (.txt, .jsonl/.json, .csv, .parquet, or globs of them) or hub dataset names
+("wikitext" or "Salesforce/wikitext:wikitext-2-raw-v1": the part after ':' is the config; split "train").
+
+Counted skips (logged, never silent): documents that are empty or whitespace-only after loading, and the
+tail of each packing batch that does not fill a whole block. Everything else that is wrong is an error that
+names the file or column: missing files, globs matching nothing, a corpus with no text, non-UTF-8 bytes in a
+.txt file (pass encoding_errors="replace" to accept them), a text column that does not exist, a corpus too
+small to fill one block.
+"""
+
+import glob
+import logging
+import os
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# file extension -> datasets packaged builder
+EXTENSION_BUILDERS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+GLOB_CHARS = set("*?[")
+
+# documents per datasets.map batch when packing: the unfilled tail of each batch (< block_size tokens)
+# is dropped, so large batches waste less (1000 docs of ~200 tokens waste < 0.1%).
+PACK_BATCH_DOCS = 1000
+
+
+def _as_list(sources):
+    if isinstance(sources, (str, os.PathLike)):
+        return [os.fspath(sources)]
+    sources = [os.fspath(s) for s in sources]
+    if not sources:
+        raise ValueError("no data sources given: expected a path, glob or hub dataset name")
+    return sources
+
+
+def _is_local(source):
+    return (
+        os.path.exists(source)
+        or any(c in source for c in GLOB_CHARS)
+        or os.path.splitext(source)[1].lower() in EXTENSION_BUILDERS
+        or source.startswith((".", "/", "~"))
+    )
+
+
+def _expand_local(source):
+    """A path, directory or glob -> sorted list of data files; raises when nothing matches."""
+    path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        files = sorted(
+            f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+            if os.path.splitext(f)[1].lower() in EXTENSION_BUILDERS
+        )
+        if not files:
+            raise FileNotFoundError(
+                f"directory {source!r} holds no data files (expected {sorted(EXTENSION_BUILDERS)})"
+            )
+        return files
+    if any(c in path for c in GLOB_CHARS):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise FileNotFoundError(f"glob {source!r} matched no files")
+        return files
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {source!r} does not exist")
+    return [path]
+
+
+def _check_utf8(path, encoding_errors):
+    """Decode a .txt file incrementally so non-UTF-8 bytes fail here, naming file and byte offset."""
+    if encoding_errors not in (None, "strict"):
+        return
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{path}: bytes at offset {offset + e.start} are not valid UTF-8 ({e.reason}); "
+                    "fix the file or pass encoding_errors='replace' to substitute U+FFFD"
+                ) from None
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: file ends inside a UTF-8 sequence at byte {offset + e.start}") from None
+
+
+def _load_group(builder, files, text_column, txt_mode, streaming, cache_dir, encoding_errors):
+    import datasets
+
+    kwargs = {}
+    if builder == "text":
+        if txt_mode not in ("paragraph", "line", "document"):
+            raise ValueError(f"txt_mode must be 'paragraph', 'line' or 'document', got {txt_mode!r}")
+        for f in files:
+            _check_utf8(f, encoding_errors)
+        kwargs = dict(sample_by=txt_mode)
+        if encoding_errors not in (None, "strict"):
+            kwargs["encoding_errors"] = encoding_errors
+    if builder == "csv" and all(f.lower().endswith(".tsv") for f in files):
+        kwargs["sep"] = "\t"
+    ds = datasets.load_dataset(
+        builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
+    )
+    if builder == "text" and txt_mode == "paragraph":
+        # blocks split on "\n\n" keep the newlines of longer blank runs: strip them
+        ds = ds.map(_strip_text, batched=True, **({} if streaming else dict(desc="stripping paragraphs")))
+    column = "text" if builder == "text" else text_column
+    return _select_text(ds, column, where=f"{builder} files {files[:3]}{' ...' if len(files) > 3 else ''}")
+
+
+def _select_text(ds, column, where):
+    columns = ds.column_names
+    if columns is None:  # a streaming dataset whose schema is unknown until the first row
+        columns = list(next(iter(ds.take(1)), {}).keys())
+    if column not in columns:
+        raise KeyError(f"text column {column!r} not found in {where}; available columns: {columns}")
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    return ds
+
+
+def _strip_text(batch):
+    return {"text": [t.strip() for t in batch["text"]]}
+
+
+def _drop_empty(batch):
+    return [t is not None and bool(t.strip()) for t in batch["text"]]
+
+
+def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streaming=False, cache_dir=None,
+                      encoding_errors=None, num_proc=None):
+    """Load documents from local files and/or hub names into one dataset with a single "text" column.
+
+    txt_mode: "paragraph" (blank-line separated blocks, the default), "line", or "document" (a file is one
+    document). text_column names the column in jsonl/csv/parquet/hub data; it is renamed to "text".
+    Empty or whitespace-only documents are dropped and counted (logged). Raises on missing files, unknown
+    columns, non-UTF-8 .txt bytes (unless encoding_errors="replace"/"ignore") and corpora with no text.
+    """
+    import datasets
+
+    groups = {}  # builder -> list of files, in the order given
+    parts = []
+    for source in _as_list(sources):
+        if _is_local(source):
+            for f in _expand_local(source):
+                ext = os.path.splitext(f)[1].lower()
+                if ext not in EXTENSION_BUILDERS:
+                    raise ValueError(f"{f}: unsupported file type {ext!r}; expected one of {sorted(EXTENSION_BUILDERS)}")
+                groups.setdefault(EXTENSION_BUILDERS[ext], []).append(f)
+        else:
+            name, _, config = source.partition(":")
+            ds = datasets.load_dataset(name, config or None, split="train", streaming=streaming, cache_dir=cache_dir)
+            parts.append(_select_text(ds, text_column, where=f"hub dataset {source!r}"))
+    for builder, files in groups.items():
+        parts.append(_load_group(builder, files, text_column, txt_mode, streaming, cache_dir, encoding_errors))
+
+    # every part's "text" must be a string column before concatenation (csv may infer numbers)
+    if not streaming:
+        parts = [p.cast_column("text", datasets.Value("string")) if p.features["text"] != datasets.Value("string")
+                 else p for p in parts]
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+    if streaming:
+        ds = ds.filter(_drop_empty, batched=True)
+        if next(iter(ds.take(1)), None) is None:
+            raise ValueError(f"no non-empty documents in {sources!r}")
+        return ds
+    total = len(ds)
+    ds = ds.filter(_drop_empty, batched=True, num_proc=num_proc, desc="dropping empty documents")
+    if len(ds) == 0:
+        raise ValueError(f"no non-empty documents in {sources!r} ({total} rows, all empty)")
+    if len(ds) < total:
+        logger.warning("skipped %d empty documents of %d in %r", total - len(ds), total, sources)
+    return ds
+
+
+def load_tokenizer(path):
+    """A PreTrainedTokenizerFast from a directory we trained, or any Hugging Face tokenizer directory/name."""
+    from transformers import AutoTokenizer
+
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"tokenizer path {path!r} is a file; expected a directory with tokenizer.json")
+    if os.path.isdir(path) and not any(
+        os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
+    ):
+        raise FileNotFoundError(f"{path!r} holds no tokenizer files (tokenizer.json, vocab.txt, ...)")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(f"{path!r} loaded a slow tokenizer ({type(tokenizer).__name__}); expected a fast one")
+    return tokenizer
+
+
+def separator_token_id(tokenizer):
+    """The id placed between packed documents: eos (</s>) if the tokenizer has one, else sep ([SEP])."""
+    for name in ("eos_token_id", "sep_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            return token_id
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither an eos nor a sep token to separate documents")
+
+
+def check_block_size(block_size, max_position_embeddings):
+    """Fail early when blocks would not fit the model's position table."""
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+    if block_size > max_position_embeddings:
+        raise ValueError(
+            f"block_size={block_size} is longer than the model's max_position_embeddings="
+            f"{max_position_embeddings}; lower data.block_size or raise model.max_position_embeddings"
+        )
+    return block_size
+
+
+def _tokenize_and_pack(batch, backend, sep_id, block_size):
+    """Documents -> concatenated ids (each followed by sep) -> rows of exactly block_size ids.
+
+    The unfilled tail of each map batch is dropped and counted in "dropped" (stored on the batch's first
+    row). A batch too small to fill one block yields a single placeholder row (is_block=False) so that
+    its tokens are still counted; pack_dataset removes placeholders."""
+    encodings = backend.encode_batch(batch["text"], add_special_tokens=False)
+    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
+    ids = np.empty(int(lengths.sum()), dtype=np.int32)
+    ends = np.cumsum(lengths)
+    for e, end, n in zip(encodings, ends, lengths):
+        ids[end - n:end - 1] = e.ids
+    ids[ends - 1] = sep_id
+    num_blocks = len(ids) // block_size
+    dropped = len(ids) - num_blocks * block_size
+    if num_blocks == 0:
+        return {"input_ids": [[]], "dropped": [dropped], "is_block": [False]}
+    blocks = ids[: num_blocks * block_size].reshape(num_blocks, block_size)
+    dropped_col = np.zeros(num_blocks, dtype=np.int64)
+    dropped_col[0] = dropped
+    return {"input_ids": blocks, "dropped": dropped_col, "is_block": np.ones(num_blocks, dtype=bool)}
+
+
+def pack_dataset(docs, tokenizer, block_size, num_proc=1, streaming=False, desc="tokenize+pack"):
+    """Tokenize a "text" dataset and pack it into blocks of block_size ids (see _tokenize_and_pack)."""
+    import datasets
+
+    fn_kwargs = dict(backend=tokenizer.backend_tokenizer, sep_id=separator_token_id(tokenizer), block_size=block_size)
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "dropped": datasets.Value("int64"),
+        "is_block": datasets.Value("bool"),
+    })
+    map_kwargs = dict(batched=True, batch_size=PACK_BATCH_DOCS, fn_kwargs=fn_kwargs, remove_columns=["text"],
+                      features=features)
+    if streaming:
+        packed = docs.map(_tokenize_and_pack, **map_kwargs)
+        packed = packed.filter(lambda flags: flags, input_columns=["is_block"], batched=True)
+        return packed.remove_columns(["dropped", "is_block"])
+    packed = docs.map(_tokenize_and_pack, num_proc=num_proc if num_proc and num_proc > 1 else None, desc=desc,
+                      **map_kwargs)
+    stats = packed.select_columns(["dropped", "is_block"]).with_format("numpy")[:]
+    dropped, is_block = int(stats["dropped"].sum()), stats["is_block"]
+    if not is_block.all():  # rare: only batches with fewer than block_size tokens make placeholders
+        packed = packed.select(np.flatnonzero(is_block)).flatten_indices()
+    packed = packed.remove_columns(["dropped", "is_block"])
+    if len(packed) == 0:
+        raise ValueError(
+            f"{desc}: the corpus holds {dropped} tokens, fewer than one block of block_size={block_size}; "
+            "lower block_size or add text"
+        )
+    kept = len(packed) * block_size
+    logger.info("%s: %d blocks of %d tokens (%d tokens kept, %d tail tokens dropped = %.2f%%)", desc, len(packed),
+                block_size, kept, dropped, 100.0 * dropped / max(1, kept + dropped))
+    packed.info.description = f"packed {kept} tokens in blocks of {block_size}; dropped {dropped} tail tokens"
+    return packed
+
+
+def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text", validation_fraction=0.01,
+                               validation_files=None, num_proc=1, cache_dir=None, streaming=False, seed=0,
+                               txt_mode="paragraph", encoding_errors=None):
+    """(train, valid): packed "input_ids" blocks of exactly block_size tokens.
+
+    The validation split is held out at document level before packing, so no document straddles the
+    splits: either the files in validation_files, or a validation_fraction of documents (a seeded random
+    split; when streaming, every round(1/fraction)-th document). valid is None when the fraction is 0.
+    """
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+    docs = load_text_dataset(sources, text_column=text_column, txt_mode=txt_mode, streaming=streaming,
+                             cache_dir=cache_dir, encoding_errors=encoding_errors, num_proc=num_proc)
+    if validation_files:
+        train_docs = docs
+        valid_docs = load_text_dataset(validation_files, text_column=text_column, txt_mode=txt_mode,
+                                       streaming=streaming, cache_dir=cache_dir, encoding_errors=encoding_errors)
+    elif validation_fraction and validation_fraction > 0:
+        if not 0 < validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+        if streaming:
+            every = max(2, round(1 / validation_fraction))
+            valid_docs = docs.filter(lambda _, i: i % every == 0, with_indices=True)
+            train_docs = docs.filter(lambda _, i: i % every != 0, with_indices=True)
+        else:
+            if len(docs) < 2:
+                raise ValueError(f"cannot hold out a validation split from {len(docs)} document(s) in {sources!r}")
+            split = docs.train_test_split(test_size=validation_fraction, seed=seed)
+            train_docs, valid_docs = split["train"], split["test"]
+    else:
+        train_docs, valid_docs = docs, None
+
+    train = pack_dataset(train_docs, tokenizer, block_size, num_proc, streaming, desc="train: tokenize+pack")
+    valid = None
+    if valid_docs is not None:
+        valid = pack_dataset(valid_docs, tokenizer, block_size, num_proc, streaming, desc="valid: tokenize+pack")
+    return train, valid

@@ -1,0 +1,266 @@
+"""Span masking: which tokens the student sees (context) and which it must predict (targets).
+
+All mask logic of the project lives here. For a batch of B sequences of length L and K masks per
+sequence, every one of the B*K rows gets its own independent sample, with exact counts:
+
+    Nt = round(target_ratio * L)                  target positions per row
+    Nd = round(extra_context_drop * L)            extra positions hidden from the student
+    Nc = L - Nt - Nd                              context positions per row
+
+so the index tensors are rectangular without truncating anyone to the batch's shortest mask.
+
+How a row is sampled (vectorised over rows with numpy, no per-sample Python loop):
+  1. M spans per row (num_spans, or round(Nt / mean_span_length) when mean_span_length is set) with
+     lengths >= min_span_length summing to exactly Nt; the distribution (uniform / geometric / poisson)
+     shapes how the Nt - M*min_span_length tokens above the minimum are shared between the spans.
+  2. The L - Nt non-target tokens are cut into M+1 random gaps (gap 0 allowed), which places the
+     spans left to right without overlapping each other.
+  3. The row is rotated by a uniform random offset (spans running off the end wrap to the start).
+     This makes P(position i is a target) = Nt/L for every i, first and last included (I-JEPA's
+     sampler never picks the last position; a plain "uniform start" sampler under-samples both ends).
+  4. Positions holding special_token_ids are removed from the targets and the same number of
+     positions is added back, preferring neighbours of the existing spans.
+  5. Context = complement of the targets, minus Nd uniformly random extra drops. With
+     allow_overlap=True the context is instead the complement of an independent span mask (+ drops),
+     so it may contain target positions.
+  6. Sorted indices come from np.nonzero on the boolean (B*K, L) masks (row-major, so ascending).
+
+Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
+reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
+masks and runs are reproducible whenever torch is seeded (worker seeds derive from torch's RNG).
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+SPAN_LENGTH_DISTRIBUTIONS = ("uniform", "geometric", "poisson")
+
+
+@dataclass
+class MaskingConfig:
+    """Mask shape. Defaults are I-JEPA-like: 4 spans covering 30% of the sequence, one mask per sequence."""
+
+    num_masks: int = 1  # K independent masks per sequence (the teacher reads the sequence once)
+    target_ratio: float = 0.3  # fraction of positions that are targets, exact per row after rounding
+    num_spans: int | None = 4  # target spans per mask (ignored when mean_span_length is set)
+    span_length_distribution: str = "uniform"  # "uniform" (0.5x..1.5x the mean), "geometric", "poisson"
+    mean_span_length: float | None = None  # when set: num_spans = round(Nt / mean_span_length)
+    min_span_length: int = 1
+    extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
+    allow_overlap: bool = False  # True: context sampled independently of targets, may include them
+    special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
+
+    def __post_init__(self):
+        self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))
+        if not isinstance(self.num_masks, int) or self.num_masks < 1:
+            raise ValueError(f"masking.num_masks must be an int >= 1, got {self.num_masks!r}")
+        if not 0.0 < self.target_ratio < 1.0:
+            raise ValueError(f"masking.target_ratio must be in (0, 1), got {self.target_ratio}")
+        if not 0.0 <= self.extra_context_drop < 1.0:
+            raise ValueError(f"masking.extra_context_drop must be in [0, 1), got {self.extra_context_drop}")
+        if self.target_ratio + self.extra_context_drop >= 1.0:
+            raise ValueError(
+                f"masking.target_ratio + extra_context_drop = {self.target_ratio + self.extra_context_drop} "
+                "leaves no context; it must be < 1"
+            )
+        if self.span_length_distribution not in SPAN_LENGTH_DISTRIBUTIONS:
+            raise ValueError(
+                f"masking.span_length_distribution must be one of {SPAN_LENGTH_DISTRIBUTIONS}, "
+                f"got {self.span_length_distribution!r}"
+            )
+        if not isinstance(self.min_span_length, int) or self.min_span_length < 1:
+            raise ValueError(f"masking.min_span_length must be an int >= 1, got {self.min_span_length!r}")
+        if self.mean_span_length is None:
+            if not isinstance(self.num_spans, int) or self.num_spans < 1:
+                raise ValueError(
+                    f"masking.num_spans must be an int >= 1 (or set mean_span_length), got {self.num_spans!r}"
+                )
+        elif self.mean_span_length < self.min_span_length:
+            raise ValueError(
+                f"masking.mean_span_length={self.mean_span_length} is below min_span_length={self.min_span_length}"
+            )
+
+    @classmethod
+    def ijepa_like(cls, **overrides):
+        """Few long spans: 4 spans, 30% of tokens (I-JEPA's 4 target blocks)."""
+        return cls(**{**dict(target_ratio=0.3, num_spans=4, span_length_distribution="uniform"), **overrides})
+
+    @classmethod
+    def data2vec_like(cls, **overrides):
+        """Many short spans: 50% of tokens in spans of mean length 4 (data2vec 2.0 text masks)."""
+        return cls(**{**dict(target_ratio=0.5, num_spans=None, mean_span_length=4.0,
+                             span_length_distribution="geometric"), **overrides})
+
+    def counts(self, length):
+        """(Nt, Nd, Nc, M) for sequences of `length` tokens; raises when the spans cannot fit."""
+        num_targets = round(self.target_ratio * length)
+        num_dropped = round(self.extra_context_drop * length)
+        num_context = length - num_targets - num_dropped
+        if self.mean_span_length is not None:
+            num_spans = max(1, round(num_targets / self.mean_span_length))
+        else:
+            num_spans = self.num_spans
+        if num_targets < 1 or num_context < 1:
+            raise ValueError(
+                f"sequence length {length} gives {num_targets} target and {num_context} context tokens "
+                f"(target_ratio={self.target_ratio}, extra_context_drop={self.extra_context_drop}); both must be >= 1"
+            )
+        if num_spans * self.min_span_length > num_targets:
+            raise ValueError(
+                f"sequence length {length} is too short for the spans: {num_targets} target tokens cannot hold "
+                f"num_spans={num_spans} spans of min_span_length={self.min_span_length}; use longer sequences, "
+                "fewer spans or a larger target_ratio"
+            )
+        return num_targets, num_dropped, num_context, num_spans
+
+
+def _random_ranks(rng, shape):
+    """Ranks 0..n-1 in random order along the last axis: (rows, n) int."""
+    return np.argsort(rng.random(shape), axis=-1).argsort(axis=-1)
+
+
+def sample_span_lengths(rng, rows, num_targets, num_spans, min_span_length, distribution):
+    """(rows, num_spans) int64 span lengths, each >= min_span_length, every row summing to num_targets."""
+    extra_total = num_targets - num_spans * min_span_length  # tokens above the minimum, shared out below
+    mean_extra = extra_total / num_spans
+    shape = (rows, num_spans)
+    if distribution == "uniform":
+        weights = rng.uniform(0.5 * mean_extra, 1.5 * mean_extra, shape)
+    elif distribution == "geometric":
+        weights = rng.geometric(1.0 / (mean_extra + 1.0), shape) - 1.0
+    else:  # poisson
+        weights = rng.poisson(mean_extra, shape).astype(np.float64)
+    weights = weights + 1e-6  # all-zero rows share equally
+    share = weights / weights.sum(axis=1, keepdims=True) * extra_total
+    extra = np.floor(share).astype(np.int64)
+    leftover = extra_total - extra.sum(axis=1, keepdims=True)  # (rows, 1), in [0, num_spans)
+    extra += _random_ranks(rng, shape) < leftover  # hand the leftover tokens to random spans
+    return min_span_length + extra
+
+
+def sample_span_masks(rng, rows, length, num_targets, num_spans, min_span_length=1, distribution="uniform"):
+    """(rows, length) bool masks with exactly num_targets True per row, in num_spans spans (see module doc)."""
+    lengths = sample_span_lengths(rng, rows, num_targets, num_spans, min_span_length, distribution)
+    # gaps: sorted cut points in the L - Nt non-target tokens; span j starts after cut j and spans 0..j-1
+    cuts = np.sort(rng.integers(0, length - num_targets + 1, size=(rows, num_spans)), axis=1)
+    starts = cuts + np.cumsum(lengths, axis=1) - lengths
+    starts += rng.integers(0, length, size=(rows, 1))  # rotation; starts + lengths <= 2L - 1
+    # +1 at each start, -1 at each end in a (rows, 2L+1) difference array, cumsum, fold the wrap back
+    row_offset = np.arange(rows)[:, None] * (2 * length + 1)
+    diff = np.bincount((row_offset + starts).ravel(), minlength=rows * (2 * length + 1))
+    diff -= np.bincount((row_offset + starts + lengths).ravel(), minlength=rows * (2 * length + 1))
+    covered = np.cumsum(diff.reshape(rows, 2 * length + 1), axis=1)[:, : 2 * length] > 0
+    return covered[:, :length] | covered[:, length:]
+
+
+def _neighbours(mask):
+    """Positions next to a True position (not wrapping): (rows, L) bool."""
+    near = np.zeros_like(mask)
+    near[:, 1:] |= mask[:, :-1]
+    near[:, :-1] |= mask[:, 1:]
+    return near
+
+
+def _pick(rng, eligible, counts, prefer=None):
+    """(rows, L) bool selecting counts[r] random eligible positions per row, preferred ones first.
+
+    Callers guarantee counts[r] <= eligible[r].sum(). Random keys in [0, 1), +2 when not preferred,
+    +4 when not eligible; the counts[r] smallest keys of row r win (one sort, no argsort of argsort)."""
+    keys = rng.random(eligible.shape) + np.where(eligible, 0.0, 4.0)
+    if prefer is not None:
+        keys += np.where(prefer, 0.0, 2.0)
+    counts = np.asarray(counts).reshape(-1, 1)
+    kth = np.take_along_axis(np.sort(keys, axis=1), np.maximum(counts - 1, 0), axis=1)  # (rows, 1)
+    return (keys <= kth) & (counts > 0)
+
+
+def sample_masks(config, rng, batch_size, length, input_ids=None):
+    """Numpy core of the collator: (context_idx (B, K, Nc), target_idx (B, K, Nt)) int64 arrays."""
+    num_targets, num_dropped, num_context, num_spans = config.counts(length)
+    K = config.num_masks
+    rows = batch_size * K  # row b*K + k is mask k of sample b
+    sample = dict(num_spans=num_spans, min_span_length=config.min_span_length,
+                  distribution=config.span_length_distribution)
+    target = sample_span_masks(rng, rows, length, num_targets, **sample)
+
+    if config.special_token_ids and input_ids is not None:
+        allowed = ~np.isin(np.asarray(input_ids), config.special_token_ids)  # (B, L)
+        allowed = np.repeat(allowed, K, axis=0)  # (B*K, L)
+        available = allowed.sum(axis=1)
+        if (available < num_targets).any():
+            row = int(np.argmin(available)) // K
+            raise ValueError(
+                f"sample {row} has only {int(available.min())} non-special positions but {num_targets} targets "
+                f"are needed (special_token_ids={config.special_token_ids}, length {length})"
+            )
+        target &= allowed
+        missing = num_targets - target.sum(axis=1)
+        if missing.any():  # refill, growing the existing spans where possible
+            target |= _pick(rng, allowed & ~target, missing, prefer=_neighbours(target))
+
+    if config.allow_overlap:
+        hidden = sample_span_masks(rng, rows, length, num_targets, **sample)
+    else:
+        hidden = target
+    if num_dropped:
+        hidden = hidden | _pick(rng, ~hidden, np.full(rows, num_dropped))
+    context = ~hidden
+
+    target_idx = np.nonzero(target)[1].reshape(batch_size, K, num_targets)
+    context_idx = np.nonzero(context)[1].reshape(batch_size, K, num_context)
+    return context_idx, target_idx
+
+
+class SpanMaskCollator:
+    """examples (list of {"input_ids": list[int] | 1-D tensor}, all of length L) -> batch dict:
+
+    input_ids (B, L) long; context_idx (B, K, Nc) long and target_idx (B, K, Nt) long, each sorted
+    ascending per row; context and targets disjoint unless config.allow_overlap.
+    """
+
+    def __init__(self, config=None, seed=0):
+        self.config = config if config is not None else MaskingConfig()
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._worker_key = None  # (worker id, worker seed) the generator was last reseeded for
+
+    def _generator(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._worker_key != (info.id, info.seed):
+            # each DataLoader worker holds a copy of this collator: give each its own stream
+            self._worker_key = (info.id, info.seed)
+            self.rng = np.random.default_rng([self.seed, info.seed])
+        return self.rng
+
+    def state_dict(self):
+        return {"seed": self.seed, "bit_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.seed = state["seed"]
+        self.rng.bit_generator.state = state["bit_generator"]
+
+    def __call__(self, examples):
+        if not examples:
+            raise ValueError("SpanMaskCollator got an empty list of examples")
+        rows = [ex["input_ids"] for ex in examples]
+        if torch.is_tensor(rows[0]):
+            lengths = {int(r.numel()) for r in rows}
+        else:
+            lengths = {len(r) for r in rows}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"SpanMaskCollator needs equal-length sequences (packed blocks); got lengths {sorted(lengths)}"
+            )
+        if torch.is_tensor(rows[0]):
+            input_ids = torch.stack(rows).long()
+        else:
+            input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
+                                               input_ids.shape[1], input_ids.numpy())
+        return {
+            "input_ids": input_ids,
+            "context_idx": torch.from_numpy(context_idx),
+            "target_idx": torch.from_numpy(target_idx),
+        }
