@@ -1,0 +1,171 @@
+"""Tokenizer + packed blocks for a recipe, and the deterministic stream of micro-batches.
+
+Micro-batch i of a run is a pure function of (seed, i, rank): which blocks it holds and how each
+block is masked never depend on the RNG history. That is what makes resume exact (start the stream
+at micro-batch s * grad_accum) and lets 1 process x batch 2b, 2 processes x b, and 2 accumulation
+steps x b see the same samples with the same masks.
+
+Sample order: the training blocks are shuffled once per epoch with a generator seeded by
+(seed, epoch); an epoch is the largest multiple of the global batch (batch_size * grad_accum *
+num_processes) that fits, the rest of the epoch's permutation is skipped. Masks: each block gets its
+own generator seeded by (seed, epoch, block index), for the JEPA span collator and for the MLM collator.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from textjepa.corpus import QUICKSTART_NAME, quickstart_text_file
+
+logger = logging.getLogger(__name__)
+
+# tokenizer.json + tokenizer_config.json sit flat in textjepa/corpus (package-data glob "corpus/*")
+SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "corpus"
+
+
+def _sources(recipe, output_dir: Path) -> list[str]:
+    sources = recipe.data.source if isinstance(recipe.data.source, list) else [recipe.data.source]
+    # "quickstart" is the corpus shipped in textjepa/corpus, decompressed once beside the run
+    return [str(quickstart_text_file(output_dir / "data")) if s == QUICKSTART_NAME else s for s in sources]
+
+
+def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
+    """data.tokenizer: a directory; "quickstart" (the tokenizer shipped with the corpus); or null:
+    reuse <output_dir>/tokenizer, else train one there on the recipe's source (main process only;
+    callers run this under main_process_first)."""
+    from textjepa.data import load_tokenizer
+
+    data = recipe.data
+    if data.tokenizer == QUICKSTART_NAME:
+        return load_tokenizer(SHIPPED_TOKENIZER)
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    trained_dir = output_dir / "tokenizer"
+    if (trained_dir / "tokenizer.json").is_file():
+        return load_tokenizer(trained_dir)
+    if not is_main:
+        raise RuntimeError(f"{trained_dir}: tokenizer missing after the main process trained it")
+    from textjepa.tokenization import train_tokenizer
+
+    logger.info("training a %s tokenizer (vocab %d) on %s", data.tokenizer_model, data.vocab_size, data.source)
+    train_tokenizer(_sources(recipe, output_dir), data.vocab_size, model=data.tokenizer_model,
+                    output_dir=str(trained_dir), text_column=data.text_column,
+                    model_max_length=data.block_size)
+    return load_tokenizer(trained_dir)
+
+
+def load_blocks(recipe, tokenizer, output_dir: Path):
+    """(train, valid) datasets of block_size ids, numpy-formatted; valid may be None."""
+    import datasets
+
+    data = recipe.data
+    if data.packed_path:
+        loaded = datasets.load_from_disk(data.packed_path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise ValueError(f"data.packed_path {data.packed_path}: DatasetDict without a 'train' split "
+                                 f"(has {list(loaded)})")
+            train = loaded["train"]
+            valid = next((loaded[k] for k in ("validation", "valid", "test") if k in loaded), None)
+        else:
+            train, valid = loaded, None
+    else:
+        from textjepa.data import build_pretraining_datasets
+
+        train, valid = build_pretraining_datasets(
+            _sources(recipe, output_dir), tokenizer, data.block_size, text_column=data.text_column,
+            validation_fraction=data.validation_fraction, num_proc=data.num_proc, cache_dir=data.cache_dir,
+            seed=recipe.train.seed)
+    for name, ds in (("train", train), ("validation", valid)):
+        if ds is None:
+            continue
+        if "input_ids" not in ds.column_names:
+            raise ValueError(f"{name} blocks have no 'input_ids' column (columns: {ds.column_names})")
+        length = len(ds[0]["input_ids"])
+        if length != data.block_size:
+            raise ValueError(f"{name} blocks hold {length} tokens but data.block_size is {data.block_size} "
+                             f"(data.packed_path={data.packed_path})")
+    train = train.select_columns(["input_ids"]).with_format("numpy")
+    valid = valid.select_columns(["input_ids"]).with_format("numpy") if valid is not None else None
+    return train, valid
+
+
+def probe_blocks(train, valid, size: int) -> torch.Tensor:
+    """A fixed (P, L) batch for the effective-rank figure: the first `size` validation blocks (train
+    blocks when there is no validation split)."""
+    source = valid if valid is not None and len(valid) > 0 else train
+    size = min(size, len(source))
+    return torch.as_tensor(np.asarray(source[:size]["input_ids"]), dtype=torch.long)
+
+
+class JepaBatchMaker:
+    """(b, L) ids + per-block seeds -> {input_ids, context_idx, target_idx} from SpanMaskCollator."""
+
+    def __init__(self, masking_config):
+        from textjepa.masking import SpanMaskCollator
+
+        self.collator = SpanMaskCollator(masking_config)
+
+    def __call__(self, ids: np.ndarray, seeds: list[tuple]) -> dict:
+        parts = []
+        for row, seed in zip(ids, seeds):
+            self.collator.rng = np.random.default_rng(seed)  # this block's own mask stream
+            parts.append(self.collator([{"input_ids": row.astype(np.int64)}]))
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+
+class MlmBatchMaker:
+    """(b, L) ids + per-block seeds -> {input_ids, labels} from HF DataCollatorForLanguageModeling."""
+
+    def __init__(self, tokenizer, mlm_probability: float):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability,
+                                                        seed=0, return_tensors="pt")
+
+    def __call__(self, ids: np.ndarray, seeds: list[tuple]) -> dict:
+        parts = []
+        for row, seed in zip(ids, seeds):
+            generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            self.collator.generator, self.collator._generator_pid = generator, os.getpid()
+            parts.append(self.collator([torch.as_tensor(row, dtype=torch.long)]))
+        return {key: torch.cat([p[key] for p in parts]) for key in ("input_ids", "labels")}
+
+
+class MicroBatches(torch.utils.data.Dataset):
+    """Item i: this process's share (batch_size blocks) of global micro-batch i (see module doc)."""
+
+    def __init__(self, blocks, batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                 make_batch):
+        self.blocks, self.batch_size, self.rank, self.seed, self.make_batch = blocks, batch_size, rank, seed, make_batch
+        self.global_micro = batch_size * world_size  # blocks per micro-batch over all processes
+        global_batch = self.global_micro * grad_accum  # blocks per optimizer step
+        self.steps_per_epoch = len(blocks) // global_batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the training set has {len(blocks)} blocks, fewer than one global batch of "
+                             f"{global_batch} (train.batch_size x train.grad_accum x processes); add data "
+                             "or lower the batch")
+        self.blocks_per_epoch = self.steps_per_epoch * global_batch
+        self._epoch, self._perm = None, None
+
+    def __len__(self):  # one epoch of micro-batches; the sampler decides how many are drawn
+        return self.blocks_per_epoch // self.global_micro
+
+    def block_indices(self, i: int) -> tuple[int, np.ndarray]:
+        offset = i * self.global_micro + self.rank * self.batch_size  # position in the sample stream
+        epoch, start = divmod(offset, self.blocks_per_epoch)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+            self._epoch = epoch
+        return epoch, self._perm[start:start + self.batch_size]
+
+    def __getitem__(self, i: int) -> dict:
+        epoch, indices = self.block_indices(int(i))
+        ids = np.asarray(self.blocks[indices]["input_ids"])
+        seeds = [(self.seed, epoch, int(k)) for k in indices]
+        return self.make_batch(ids, seeds)

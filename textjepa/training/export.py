@@ -1,0 +1,153 @@
+"""Export a pretraining run as a `from_pretrained`-ready encoder directory + tokenizer + model card.
+
+    textjepa export --checkpoint runs/x/checkpoint-00001000 --output my-encoder [--which teacher|student]
+
+JEPA: the teacher (default) or student as a plain TextJepaModel (model.export_encoder).
+MLM: RobertaForMaskedLM's encoder saved as a RobertaModel (with a freshly initialised, untrained
+pooler so that AutoModel's default RobertaModel loads it without missing-key warnings; use mean
+pooling of last_hidden_state, as for the JEPA encoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _export_mlm_encoder(mlm_model, output_dir: Path) -> None:
+    from transformers import RobertaModel
+
+    config = mlm_model.config.__class__.from_dict(mlm_model.config.to_dict())
+    config.architectures = ["RobertaModel"]
+    encoder = RobertaModel(config, add_pooling_layer=True)
+    missing, unexpected = encoder.load_state_dict(mlm_model.roberta.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"MLM export: unexpected {unexpected}, missing {missing}")
+    encoder.save_pretrained(output_dir)
+
+
+def model_card(recipe, trainer_state, which: str) -> str:
+    metrics = dict(trainer_state.last_metrics or {}) if trainer_state is not None else {}
+    figures = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                        for k, v in metrics.items() if v is not None)
+    kind = (f"Text-JEPA encoder ({which} of the EMA pair)" if recipe.objective == "jepa"
+            else "RoBERTa-style encoder trained with masked language modelling (textjepa MLM baseline)")
+    steps = trainer_state.step if trainer_state is not None else "?"
+    tokens = f"{trainer_state.tokens_seen:,}" if trainer_state is not None else "?"
+    m = recipe.model
+    return f"""---
+library_name: transformers
+tags: [textjepa, {recipe.objective}, feature-extraction]
+---
+# {kind}
+
+Pretrained with [textjepa](https://github.com/) (`objective: {recipe.objective}`): {m.num_hidden_layers} layers,
+hidden size {m.hidden_size}, {m.num_attention_heads} heads, blocks of {recipe.data.block_size} tokens,
+{steps} optimizer steps, **{tokens} tokens seen**, data: `{recipe.data.source}`.
+
+```python
+import textjepa  # registers the model type with AutoModel (not needed for the MLM baseline)
+from transformers import AutoModel, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+model = AutoModel.from_pretrained("PATH")
+batch = tokenizer(["A sentence to embed."], return_tensors="pt")
+states = model(**batch).last_hidden_state                     # (batch, tokens, hidden)
+mask = batch["attention_mask"].unsqueeze(-1)
+embedding = (states * mask).sum(1) / mask.sum(1)             # mean pooling
+```
+{"The pooler of this RobertaModel is untrained (added so AutoModel loads without warnings); use mean pooling." if recipe.objective == "mlm" else ""}
+
+## Final training diagnostics
+| figure | value |
+|---|---|
+{figures}
+
+## Recipe (resolved)
+```yaml
+{recipe.to_yaml().rstrip()}
+```
+"""
+
+
+def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", trainer_state=None) -> Path:
+    """Write the encoder, the tokenizer and README.md into output_dir (model: the unwrapped
+    TextJepaForPreTraining or RobertaForMaskedLM)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if recipe.objective == "jepa":
+        model.export_encoder(str(output_dir), which=which)
+    else:
+        _export_mlm_encoder(model, output_dir)
+    tokenizer.save_pretrained(str(output_dir))
+    (output_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
+    return output_dir
+
+
+def load_checkpoint_model(checkpoint_dir):
+    """Rebuild (recipe, model with student + teacher weights, tokenizer, trainer state) from a checkpoint."""
+    from safetensors.torch import load_file
+
+    from textjepa.data import load_tokenizer
+
+    from .build import build_model
+    from .loop import TEACHER_FILE, TrainerState
+    from .recipe import load_recipe
+
+    checkpoint_dir = Path(checkpoint_dir)
+    if not (checkpoint_dir / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a complete textjepa checkpoint (no trainer_state.json)")
+    recipe = load_recipe(checkpoint_dir / "recipe.yaml")
+    tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
+    model = build_model(recipe, tokenizer)
+    weights = load_file(str(checkpoint_dir / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # safetensors drops tied copies (MLM decoder weight = word embeddings): only those may be missing
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise RuntimeError(f"{checkpoint_dir}/model.safetensors does not match the recipe's model: "
+                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    if recipe.objective == "jepa":
+        model.load_teacher_state_dict(load_file(str(checkpoint_dir / TEACHER_FILE)))
+    state = TrainerState(**json.loads((checkpoint_dir / "trainer_state.json").read_text()))
+    return recipe, model, tokenizer, state
+
+
+def export_checkpoint(checkpoint_dir, output_dir, which: str = "teacher") -> Path:
+    recipe, model, tokenizer, state = load_checkpoint_model(checkpoint_dir)
+    return export_model(model, recipe, tokenizer, output_dir, which=which, trainer_state=state)
+
+
+def main(argv=None) -> int:
+    from .checkpoint import latest_checkpoint
+
+    parser = argparse.ArgumentParser(prog="textjepa export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint-NNNNNNNN directory, or a run directory (its latest checkpoint)")
+    parser.add_argument("--output", required=True, help="directory to write the encoder to")
+    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                        help="JEPA only: export the EMA teacher (default) or the student")
+    args = parser.parse_args(argv)
+    checkpoint_dir = Path(args.checkpoint)
+    if not (checkpoint_dir / "trainer_state.json").is_file():
+        latest = latest_checkpoint(checkpoint_dir)
+        if latest is None:
+            print(f"textjepa export: {checkpoint_dir} is neither a checkpoint nor a run directory with "
+                  "checkpoint-* folders", file=sys.stderr)
+            return 2
+        checkpoint_dir = latest
+    with torch.no_grad():
+        out = export_checkpoint(checkpoint_dir, args.output, which=args.which)
+    print(f"exported the encoder of {checkpoint_dir} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

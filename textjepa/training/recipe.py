@@ -1,0 +1,346 @@
+"""Recipes: YAML files with sections model / data / mask / optim / ema / train / log (+ `objective`),
+parsed into typed dataclasses. Unknown keys and wrong types are errors that name the file and key:
+
+    recipes/small.yaml: optim.lr: expected float, got 'abc'
+
+Command-line overrides use dotted keys: `--set optim.lr=3e-4 --set train.max_steps=200`; values are
+read as YAML scalars (so `true`, `[0.9, 0.98]`, `null` work) and then type-checked like the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe that does not parse; the message names the file and the dotted key."""
+
+
+@dataclass
+class ModelSection:
+    """Encoder + predictor sizes; maps 1:1 onto TextJepaConfig fields (MLM uses the encoder ones).
+
+    vocab_size and pad_token_id come from the tokenizer; max_position_embeddings defaults to
+    data.block_size. Fields left at null keep TextJepaConfig's own default.
+    """
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: Optional[int] = None
+    position_embedding_type: Optional[Literal["absolute", "rotary"]] = None
+    norm_placement: Optional[Literal["pre", "post"]] = None
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    predictor_hidden_size: Optional[int] = None
+    predictor_num_hidden_layers: Optional[int] = None
+    predictor_num_attention_heads: Optional[int] = None
+    target_num_layers: Optional[int] = None
+    target_norm: Optional[Literal["layer_norm", "instance_norm", "none"]] = None
+    loss_type: Optional[Literal["smooth_l1", "mse"]] = None
+    smooth_l1_beta: Optional[float] = None
+    variance_reg_weight: Optional[float] = None
+    classifier_pooling: Optional[Literal["mean", "cls"]] = None
+    attn_implementation: Optional[Literal["sdpa", "eager"]] = None
+
+
+@dataclass
+class DataSection:
+    """Where text comes from and how it becomes blocks of token ids.
+
+    source: "quickstart" (the corpus shipped in textjepa/corpus), local files/globs (txt, jsonl, csv,
+    parquet) or a hub dataset name. tokenizer: a tokenizer directory; null trains one on the source
+    (saved in <output_dir>/tokenizer and reused on the next run). packed_path: a `save_to_disk`
+    dataset with one `input_ids` column of block_size ids, used instead of tokenizing the source.
+    """
+
+    source: Union[str, list[str]] = "quickstart"
+    text_column: str = "text"
+    tokenizer: Optional[str] = None
+    vocab_size: int = 8000
+    tokenizer_model: Literal["unigram", "bpe"] = "unigram"
+    block_size: int = 128
+    packed_path: Optional[str] = None
+    validation_fraction: float = 0.01
+    num_proc: int = 1
+    cache_dir: Optional[str] = None
+    num_workers: int = 0  # DataLoader workers building micro-batches (masks); 0 = in the training process
+
+
+@dataclass
+class MaskSection:
+    """JEPA masks: maps onto textjepa.masking.MaskingConfig (see the contract for meanings).
+
+    mlm_probability is used only by `objective: mlm` (HF DataCollatorForLanguageModeling).
+    special_tokens_never_target: the tokenizer's special ids are passed as special_token_ids.
+    """
+
+    num_masks: int = 1
+    target_ratio: float = 0.3
+    num_spans: Optional[int] = 4  # null with mean_span_length set (data2vec-like many short spans)
+    span_length_distribution: Literal["uniform", "geometric", "poisson"] = "uniform"
+    mean_span_length: Optional[float] = None
+    min_span_length: int = 1
+    extra_context_drop: float = 0.0
+    allow_overlap: bool = False
+    special_tokens_never_target: bool = True
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class OptimSection:
+    """AdamW with linear warmup then cosine decay to min_lr; weight decay follows a cosine from
+    weight_decay to weight_decay_end (null: constant). No decay on biases, norms and mask tokens.
+    warmup_steps may exceed train.max_steps (short smoke runs): the LR then only ramps up."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 100
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    weight_decay: float = 0.04
+    weight_decay_end: Optional[float] = None
+    grad_clip: float = 1.0
+    fused: Optional[bool] = None
+
+
+@dataclass
+class EmaSection:
+    """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step.
+    schedule "frozen" never updates the teacher (a fixed random-target baseline)."""
+
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+    schedule: Literal["cosine", "linear", "constant", "frozen"] = "cosine"
+
+
+@dataclass
+class TrainSection:
+    """Loop length, batch, precision and checkpoints. batch_size is per process and per micro-batch:
+    one optimizer step sees batch_size * grad_accum * num_processes blocks.
+    stop_after / max_minutes end this session early (with a checkpoint) without changing the
+    schedules, which always run to max_steps; `--resume` continues."""
+
+    output_dir: str = "runs/quickstart"
+    max_steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    seed: int = 0
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = "no"  # null: from the accelerate config
+    cpu: bool = False
+    threads: Optional[int] = None
+    save_every: int = 500
+    keep_last: int = 2
+    stop_after: Optional[int] = None
+    max_minutes: Optional[float] = None
+    export: bool = True
+    export_which: Literal["teacher", "student"] = "teacher"
+
+
+@dataclass
+class LogSection:
+    """Logging and the collapse guard. Every `every` steps: loss, lr, momentum, grad norm, tokens/s,
+    target/prediction std. Every `diag_every` steps: RankMe effective rank of mean-pooled teacher
+    embeddings on a fixed probe batch of probe_size validation blocks. After guard_after steps
+    (null: optim.warmup_steps) a target/prediction std under min_std or a rank under min_rank stops
+    the run (after saving a checkpoint); NaN/Inf loss stops it at any step."""
+
+    every: int = 10
+    diag_every: int = 50
+    probe_size: int = 256
+    trackers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    min_std: float = 0.01
+    min_rank: float = 2.0
+    guard_after: Optional[int] = None
+    plot: bool = True
+    progress_bar: bool = True
+    sanity_check: bool = True  # after export: a quick zero-shot similarity check of the encoder
+
+
+@dataclass
+class Recipe:
+    objective: Literal["jepa", "mlm"] = "jepa"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    mask: MaskSection = field(default_factory=MaskSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EmaSection = field(default_factory=EmaSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+    def save(self, path) -> None:
+        Path(path).write_text("# resolved textjepa recipe (all defaults filled in)\n" + self.to_yaml())
+
+
+# ---------------------------------------------------------------- typed parsing
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        name = " or ".join(_type_name(a) for a in args)
+        return name + " or null" if len(args) < len(typing.get_args(tp)) else name
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float, numeric strings
+    such as YAML's '1e-3' become floats). Raises RecipeError naming `where`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except RecipeError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            (item_tp,) = typing.get_args(tp)
+            return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # PyYAML reads 1e-3 (no dot) as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(where: str, key: str, known: list[str]) -> RecipeError:
+    hint = difflib.get_close_matches(key, known, n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    prefix = f"{where}: " if where else ""
+    return RecipeError(f"{prefix}unknown key {key!r}{did_you_mean}; expected one of {known}")
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(values, dict):
+        raise RecipeError(f"{where}: expected a mapping of {known}, got {values!r}")
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown_key(where, str(key), known)
+        tp = hints[key]
+        key_where = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, key_where)
+        else:
+            kwargs[key] = _coerce(value, tp, key_where)
+    return cls(**kwargs)
+
+
+def _validate(recipe: Recipe) -> None:
+    """Cross-field checks that types alone cannot express."""
+    t, o, m = recipe.train, recipe.optim, recipe.model
+    positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
+                "train.grad_accum": t.grad_accum, "train.save_every": t.save_every,
+                "train.keep_last": t.keep_last, "data.block_size": recipe.data.block_size,
+                "log.every": recipe.log.every, "log.diag_every": recipe.log.diag_every,
+                "model.hidden_size": m.hidden_size, "model.num_attention_heads": m.num_attention_heads}
+    for key, value in positive.items():
+        if value <= 0:
+            raise RecipeError(f"{key}: expected a positive number, got {value}")
+    if m.hidden_size % m.num_attention_heads:
+        raise RecipeError(f"model.hidden_size: {m.hidden_size} is not divisible by "
+                          f"model.num_attention_heads={m.num_attention_heads}")
+    if len(o.betas) != 2:
+        raise RecipeError(f"optim.betas: expected two numbers, got {o.betas}")
+    if not 0.0 < recipe.mask.target_ratio < 1.0:
+        raise RecipeError(f"mask.target_ratio: expected a number in (0, 1), got {recipe.mask.target_ratio}")
+    if not 0.0 < recipe.mask.mlm_probability < 1.0:
+        raise RecipeError(f"mask.mlm_probability: expected a number in (0, 1), got {recipe.mask.mlm_probability}")
+    if o.warmup_steps < 0:  # warmup longer than the run is allowed (short smoke runs): the LR never peaks
+        raise RecipeError(f"optim.warmup_steps: expected a number >= 0, got {o.warmup_steps}")
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """`["optim.lr=3e-4", ...]` -> nested dict updates (values parsed as YAML scalars)."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise RecipeError(f"--set {item}: expected KEY=VALUE with a dotted key, e.g. optim.lr=3e-4")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text) if text.strip() else None
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item}: {part!r} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def parse_recipe(raw: dict, source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    raw = apply_overrides(dict(raw or {}), overrides or [])
+    try:
+        recipe = _build(Recipe, raw, "")
+        _validate(recipe)
+    except RecipeError as err:
+        raise RecipeError(f"{source}: {err}") from None
+    return recipe
+
+
+def find_recipe_file(path: str | Path) -> Path:
+    """A recipe path as given, else relative to the repository (so `recipes/quickstart.yaml` works from
+    any directory of a source checkout), else a bare name like `quickstart`."""
+    path = Path(path)
+    repo_root = Path(__file__).resolve().parents[2]
+    candidates = [path, repo_root / path, repo_root / "recipes" / path, repo_root / "recipes" / f"{path}.yaml"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise RecipeError(f"{path}: recipe file not found (also looked in {repo_root / 'recipes'})")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = find_recipe_file(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: expected a mapping of sections at the top level, got {type(raw).__name__}")
+    return parse_recipe(raw, str(path), overrides)
