@@ -144,6 +144,16 @@ def test_resume_is_exact(tiny_data, tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
+def test_fresh_start_refuses_existing_checkpoints(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    loop.train(tiny_recipe(tiny_data, out, **{"train.max_steps": 2}), announce=quiet)
+    with pytest.raises(FileExistsError, match="already holds checkpoint-00000002: pass --resume"):
+        loop.train(tiny_recipe(tiny_data, out, **{"train.max_steps": 3}), announce=quiet)
+    loop.train(tiny_recipe(tiny_data, out, **{"train.max_steps": 3, "train.overwrite": True}), announce=quiet)
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000003"]
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
 def test_kill_during_save_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch):
     from textjepa.training.export import load_checkpoint_model
 
@@ -280,6 +290,15 @@ def test_export_cli_student_and_teacher(tiny_data, tmp_path):
     assert export_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
 
 
+def test_bf16_autocast_runs(tiny_data, tmp_path):
+    summary = loop.train(tiny_recipe(tiny_data, tmp_path / "bf16", **{"train.mixed_precision": "bf16",
+                                                                      "train.max_steps": 4}), announce=quiet)
+    records = read_jsonl(tmp_path / "bf16" / loop.METRICS_FILE)
+    assert summary["steps"] == 4 and all(np.isfinite(r["loss"]) for r in records)
+    # the teacher stays fp32 under autocast
+    assert all(v.dtype == torch.float32 for v in teacher_state(tmp_path / "bf16" / "checkpoint-00000004").values())
+
+
 def test_cli_reports_bad_recipe(tmp_path, capsys):
     from textjepa.train import main
 
@@ -319,22 +338,35 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
     recipe.save(tmp_path / "tiny.yaml")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
            str(script), str(tmp_path / "tiny.yaml"), f"train.output_dir={tmp_path / 'ddp'}", "train.batch_size=4"]
-    one = [sys.executable, str(script), str(tmp_path / "tiny.yaml"), f"train.output_dir={tmp_path / 'single'}",
-           "train.batch_size=8"]
-    for cmd in (two, one):
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr[-3000:]
+    result = subprocess.run(two, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the reference: one process (this one), same global batch of 8, same init
+    from textjepa.data import load_tokenizer
+    from textjepa.training.build import build_model
+
+    single_recipe = tiny_recipe(tiny_data, tmp_path / "single", **{"train.max_steps": 6, "train.batch_size": 8})
+    torch.manual_seed(single_recipe.train.seed)
+    model = build_model(single_recipe, load_tokenizer(tiny_data["tokenizer"]))
+    loop.train(single_recipe, model=model, announce=quiet)
+    single = model.teacher_state_dict()
     rank0 = load_file(str(tmp_path / "ddp" / "teacher_rank0_of2.safetensors"))
     rank1 = load_file(str(tmp_path / "ddp" / "teacher_rank1_of2.safetensors"))
-    single = load_file(str(tmp_path / "single" / "teacher_rank0_of1.safetensors"))
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)  # identical on both ranks
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5)
     ddp_losses, single_losses = losses(tmp_path / "ddp"), losses(tmp_path / "single")
     assert sorted(ddp_losses) == list(range(1, 7))
+    ddp_lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "ddp" / loop.METRICS_FILE)}
+    single_lrs = {r["step"]: r["lr"] for r in read_jsonl(tmp_path / "single" / loop.METRICS_FILE)}
     for step in range(1, 7):
         assert ddp_losses[step] == pytest.approx(single_losses[step], rel=1e-4), step
+        assert ddp_lrs[step] == single_lrs[step]  # the schedule advances once per step, not per process
     state = json.loads((tmp_path / "ddp" / "checkpoint-00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["tokens_seen"] == 6 * 8 * 32

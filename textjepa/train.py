@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"textjepa train: {err}", file=sys.stderr)
         return 1
+    except FileExistsError as err:
+        print(f"textjepa train: {err}", file=sys.stderr)
+        return 2
     from accelerate import PartialState
 
     if PartialState().is_main_process:

@@ -46,8 +46,12 @@ def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
     if data.tokenizer:
         return load_tokenizer(data.tokenizer)
     trained_dir = output_dir / "tokenizer"
-    if (trained_dir / "tokenizer.json").is_file():
-        return load_tokenizer(trained_dir)
+    if (trained_dir / "tokenizer.json").is_file():  # trained by an earlier session of this run
+        tokenizer = load_tokenizer(trained_dir)
+        if len(tokenizer) != data.vocab_size:
+            raise ValueError(f"{trained_dir} has {len(tokenizer)} tokens but data.vocab_size is {data.vocab_size}; "
+                             "delete it (or use --set train.overwrite=true) to train a new one")
+        return tokenizer
     if not is_main:
         raise RuntimeError(f"{trained_dir}: tokenizer missing after the main process trained it")
     from textjepa.tokenization import train_tokenizer

@@ -194,6 +194,16 @@ def _train(recipe, resume, model, announce):
     is_main = accelerator.is_main_process
     say = announce if is_main else (lambda *a, **k: None)
     output_dir = Path(t.output_dir)
+    existing = ckpt.list_checkpoints(output_dir)
+    if existing and not resume:
+        if not t.overwrite:
+            raise FileExistsError(f"{output_dir} already holds {existing[-1].name}: pass --resume to continue it, "
+                                  "or --set train.overwrite=true to delete it and start over, or pick another "
+                                  "train.output_dir")
+        accelerator.wait_for_everyone()
+        if is_main:
+            for path in existing + [output_dir / "tokenizer", output_dir / "export"]:
+                shutil.rmtree(path, ignore_errors=True)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt.remove_stale_tmp(output_dir):

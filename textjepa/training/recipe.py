@@ -140,6 +140,7 @@ class TrainSection:
     threads: Optional[int] = None
     save_every: int = 500
     keep_last: int = 2
+    overwrite: bool = False  # start from scratch in an output_dir that holds checkpoints (deletes them)
     stop_after: Optional[int] = None
     max_minutes: Optional[float] = None
     export: bool = True
