@@ -80,3 +80,21 @@ def test_bad_arguments(tmp_path):
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         load_tokenizer(tmp_path / "empty_dir")
+
+
+def test_max_chars_trains_on_a_random_sample_of_documents(tmp_path):
+    from textjepa.data import load_text_dataset
+    from textjepa.tokenization import sample_documents
+
+    corpus = tmp_path / "corpus.txt"
+    docs = write_corpus(corpus, num_docs=200)
+    loaded = load_text_dataset(str(corpus))
+    total = sum(map(len, docs))
+    sample = sample_documents(loaded, max_chars=total // 4, seed=0)
+    chars = sum(map(len, sample["text"]))
+    assert 0.1 * total < chars < 0.4 * total
+    assert sample["text"] != docs[: len(sample)]  # a random subset, not a prefix
+    assert set(sample["text"]) <= set(docs)
+    assert sample_documents(loaded, max_chars=10 * total) is loaded
+    tokenizer = train_tokenizer(str(corpus), vocab_size=80, max_chars=total // 4)
+    assert 40 < len(tokenizer) <= 80

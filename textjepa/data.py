@@ -190,7 +190,8 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
             raise ValueError(f"no non-empty documents in {sources!r}")
         return ds
     total = len(ds)
-    ds = ds.filter(_drop_empty, batched=True, num_proc=num_proc, desc="dropping empty documents")
+    ds = ds.filter(_drop_empty, batched=True, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                   desc="dropping empty documents")
     if len(ds) == 0:
         raise ValueError(f"no non-empty documents in {sources!r} ({total} rows, all empty)")
     if len(ds) < total:
