@@ -290,6 +290,13 @@ def test_export_cli_student_and_teacher(tiny_data, tmp_path):
     assert export_main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "x")]) == 2
 
 
+def test_time_budget_ends_session_with_final_diagnostics(tiny_data, tmp_path):
+    summary = loop.train(tiny_recipe(tiny_data, tmp_path / "run", **{"train.max_minutes": 0.0}), announce=quiet)
+    assert summary["steps"] == 1 and "max_minutes" in summary["end_reason"]
+    assert summary["final_metrics"]["step"] == 1 and summary["final_metrics"]["effective_rank"] > 1.0
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "checkpoint-00000001"
+
+
 def test_bf16_autocast_runs(tiny_data, tmp_path):
     summary = loop.train(tiny_recipe(tiny_data, tmp_path / "bf16", **{"train.mixed_precision": "bf16",
                                                                       "train.max_steps": 4}), announce=quiet)

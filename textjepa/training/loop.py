@@ -329,8 +329,10 @@ def _train(recipe, resume, model, announce):
         if recipe.objective == "jepa":
             metrics.update(target_std=float(shared[1]) / world, prediction_std=float(shared[2]) / world,
                            momentum=momentum)
-        is_log_step = state.step % log_cfg.every == 0 or state.step in (1, t.max_steps)
-        is_diag_step = state.step % log_cfg.diag_every == 0 or state.step == t.max_steps
+        time_up = float(shared[3]) > 0
+        session_ends = time_up or state.step >= min(t.max_steps, stop_after)  # log final figures
+        is_log_step = state.step % log_cfg.every == 0 or state.step == 1 or session_ends
+        is_diag_step = state.step % log_cfg.diag_every == 0 or session_ends
         if is_diag_step:
             rank_value = torch.zeros(1, device=accelerator.device)
             if is_main:
@@ -363,7 +365,7 @@ def _train(recipe, resume, model, announce):
         if state.step % t.save_every == 0 and state.step < t.max_steps:
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer)
-        if float(shared[3]) > 0:
+        if time_up:
             end_reason = f"train.max_minutes={t.max_minutes} reached"
             break
     else:
