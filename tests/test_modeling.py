@@ -386,3 +386,79 @@ def test_package_registers_auto_classes():
     assert isinstance(AutoModel.from_config(config), TextJepaModel)
     assert isinstance(AutoModelForSequenceClassification.from_config(config), TextJepaForSequenceClassification)
     assert isinstance(AutoModelForPreTraining.from_config(config), TextJepaForPreTraining)
+
+
+# -- speed paths: compute only the tokens whose outputs are read ---------------------------------
+
+
+@pytest.mark.parametrize("position", POSITION_SCHEMES)
+@pytest.mark.parametrize("norm", ["pre", "post"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_query_index_equals_full_forward_then_gather(position, norm, attn):
+    """query_index makes the last layer compute only some tokens: same states, values and gradients."""
+    config = make_config(position_embedding_type=position, norm_placement=norm, attn_implementation=attn,
+                         initializer_range=0.3)
+    model = TextJepaModel(config).train()
+    ids = random_ids(batch=2, length=20)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, 15:] = 0
+    wanted = torch.tensor([[0, 3, 4, 11, 19], [2, 7, 8, 9, 14]])
+    for mask in (None, attention_mask):
+        full = model(ids, attention_mask=mask, output_hidden_states=True)
+        part = model(ids, attention_mask=mask, output_hidden_states=True, query_index=wanted)
+        expected = full.last_hidden_state.gather(1, wanted[..., None].expand(-1, -1, 32))
+        assert part.last_hidden_state.shape == (2, 5, 32)
+        torch.testing.assert_close(part.last_hidden_state, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(part.hidden_states[-2], full.hidden_states[-2])  # earlier layers untouched
+        # gradients through the shortcut equal gradients through the full pass
+        weights = torch.randn(2, 5, 32)
+        grads_part = torch.autograd.grad((part.last_hidden_state * weights).sum(), list(model.parameters()))
+        grads_full = torch.autograd.grad((expected * weights).sum(), list(model.parameters()), allow_unused=True)
+        for got, want in zip(grads_part, grads_full):
+            torch.testing.assert_close(got, torch.zeros_like(got) if want is None else want, atol=1e-4, rtol=1e-3)
+    # a slice works too and returns a view-based result
+    sliced = model(ids, query_index=slice(12, None)).last_hidden_state
+    torch.testing.assert_close(sliced, model(ids).last_hidden_state[:, 12:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("position", POSITION_SCHEMES)
+@pytest.mark.parametrize("target_norm", ["layer_norm", "instance_norm", "none"])
+@pytest.mark.parametrize("target_num_layers", [1, 2])
+def test_compute_targets_at_positions_equals_full_then_gather(position, target_norm, target_num_layers):
+    model = TextJepaForPreTraining(make_config(position_embedding_type=position, target_norm=target_norm,
+                                               target_num_layers=target_num_layers, initializer_range=0.3))
+    ids = random_ids(batch=2, length=24)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[0, 20:] = 0
+    _, target = random_masks(2, 2, 24, num_context=10, num_target=5)  # K*Nt = 10 < L: the short path
+    positions = target.reshape(2, 10)
+    for mask in (None, attention_mask):
+        full = model.compute_targets(ids, mask)  # (B, L, H)
+        expected = full.gather(1, positions[..., None].expand(-1, -1, 32))
+        got = model.compute_targets(ids, mask, positions)
+        assert got.shape == (2, 10, 32) and got.dtype == torch.float32
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_predictor_last_layer_shortcut_equals_full_predictor():
+    """The predictor's last layer computes only the mask tokens; compare with every token computed."""
+    torch.manual_seed(0)
+    model = TextJepaForPreTraining(make_config(initializer_range=0.3))
+    predictor = model.predictor
+    context_states = torch.randn(3, 10, 32, requires_grad=True)
+    context, target = random_masks(3, 1, 24, num_context=10, num_target=6)
+    context, target = context[:, 0], target[:, 0]
+    got = predictor(context_states, context, target)
+
+    hidden = torch.cat([predictor.input_projection(context_states), predictor.mask_token.expand(3, 6, -1)], dim=1)
+    hidden = hidden + predictor.position_embeddings(torch.cat([context, target], dim=1))
+    for layer in predictor.layers:
+        hidden = layer(hidden)
+    expected = predictor.output_projection(predictor.norm(hidden[:, 10:]))
+    assert got.shape == (3, 6, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(got)
+    params = [context_states] + list(predictor.parameters())
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), params),
+                    torch.autograd.grad((expected * weights).sum(), params)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)

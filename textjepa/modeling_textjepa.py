@@ -95,9 +95,28 @@ def rotate_half(x):
     return torch.cat([-second, first], dim=-1)
 
 
+def rotate(x, cos, sin):
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
 def apply_rotary(query, key, cos, sin):
-    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
-    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+    return rotate(query, cos, sin), rotate(key, cos, sin)
+
+
+def select_tokens(x, index, dim=1):
+    """The tokens `index` of x along `dim` (the token axis).
+
+    index is a slice (returns a view, e.g. the predictor's trailing target tokens) or a (B, Tq) long
+    tensor of positions per row (a gather, e.g. the teacher's target positions). x is (B, T, H) with
+    dim=1, or rotary cos/sin (B, 1, T, D) with dim=2.
+    """
+    if isinstance(index, slice):
+        return x[(slice(None),) * dim + (index,)]
+    view = [index.shape[0]] + [1] * (dim - 1) + [index.shape[1]] + [1] * (x.dim() - dim - 1)
+    size = list(x.shape)
+    size[dim] = index.shape[1]
+    return x.gather(dim, index.view(view).expand(size))
 
 
 class TextJepaAttention(nn.Module):
@@ -117,13 +136,25 @@ class TextJepaAttention(nn.Module):
         self.output = nn.Linear(hidden_size, hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None):
-        # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) True = may be attended, or None
+    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None):
+        # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) True = may be attended, or None.
+        # query_index (see select_tokens): when only some tokens' outputs are needed, only they ask
+        # queries (B, Tq, D) -> output (B, Tq, D); keys and values still come from all T tokens.
         batch, length, width = hidden_states.shape
-        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+        if query_index is None:
+            qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
+            query_rotary = rotary
+        else:
+            # the fused weight's first third projects queries, the rest keys and values (row slices: views)
+            query_states = select_tokens(hidden_states, query_index)  # (B, Tq, D)
+            query = F.linear(query_states, self.qkv.weight[:width], self.qkv.bias[:width])
+            query = query.view(batch, -1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, Tq, hd)
+            key_value = F.linear(hidden_states, self.qkv.weight[width:], self.qkv.bias[width:])
+            key, value = key_value.view(batch, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            query_rotary = None if rotary is None else tuple(select_tokens(r, query_index, dim=2) for r in rotary)
         if rotary is not None:
-            query, key = apply_rotary(query, key, *rotary)
+            query, key = rotate(query, *query_rotary), rotate(key, *rotary)
         dropout = self.dropout_prob if self.training else 0.0
         if self.config._attn_implementation == "eager":
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling  # (B, heads, T, T)
@@ -135,7 +166,7 @@ class TextJepaAttention(nn.Module):
             context = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
             )
-        context = context.transpose(1, 2).reshape(batch, length, width)
+        context = context.transpose(1, 2).reshape(batch, query.shape[2], width)
         return self.output(context)
 
 
@@ -156,14 +187,18 @@ class TextJepaLayer(GradientCheckpointingLayer):
     def mlp(self, x):
         return self.mlp_output(self.activation(self.intermediate(x)))
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None):
+    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None):
+        # query_index (see select_tokens): compute the outputs of those tokens only, (B, Tq, H); every
+        # token still serves as a key/value. Used where only some outputs are read (the teacher's last
+        # layer at the target positions, the predictor's last layer at the mask tokens).
+        residual = hidden_states if query_index is None else select_tokens(hidden_states, query_index)
         if self.pre_norm:
-            hidden_states = hidden_states + self.dropout(
-                self.attention(self.attention_norm(hidden_states), attention_mask, rotary)
+            hidden_states = residual + self.dropout(
+                self.attention(self.attention_norm(hidden_states), attention_mask, rotary, query_index)
             )
             return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
         hidden_states = self.attention_norm(
-            hidden_states + self.dropout(self.attention(hidden_states, attention_mask, rotary))
+            residual + self.dropout(self.attention(hidden_states, attention_mask, rotary, query_index))
         )
         return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
 
@@ -282,8 +317,12 @@ class TextJepaModel(TextJepaPreTrainedModel):
         token_type_ids=None,  # accepted and ignored, so BERT-style tokenizer outputs can be passed as **batch
         output_hidden_states=None,
         return_dict=None,
+        query_index=None,
         **kwargs,
     ):
+        # query_index: optional (B, Tq) positions (or a slice) whose final states are all the caller
+        # needs; the last layer then computes only those tokens, last_hidden_state (and
+        # hidden_states[-1]) is (B, Tq, H) while the earlier hidden_states keep all T tokens.
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -301,8 +340,9 @@ class TextJepaModel(TextJepaPreTrainedModel):
 
         hidden_states = self.embeddings(input_ids, position_ids)  # (B, T, H)
         all_hidden_states = [hidden_states] if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, rotary)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, mask, rotary, query_index if i == last else None)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.final_norm(hidden_states)
@@ -366,9 +406,15 @@ class TextJepaPredictor(nn.Module):
         if context_attention_mask is not None:
             keep = torch.cat([context_attention_mask, torch.ones_like(target_idx)], dim=1)
             mask = padding_mask_to_attention_mask(keep)
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, mask, rotary)
-        return self.output_projection(self.norm(hidden_states[:, num_context:]))
+        # only the mask tokens' outputs are read: the last layer computes them alone (the context
+        # tokens still serve as its keys and values), saving ~Nc/(Nc+Nt) of that layer's work
+        targets_only = slice(num_context, None)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states, mask, rotary, targets_only if i == last else None)
+        if last < 0:  # no predictor layers
+            hidden_states = hidden_states[:, targets_only]
+        return self.output_projection(self.norm(hidden_states))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,15 +544,34 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_targets(self, input_ids, attention_mask=None):
-        """Teacher pass over the full sequence: (B, L) -> normalised targets (B, L, H), float32."""
-        outputs = self.teacher(input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        layers = outputs.hidden_states[-self.config.target_num_layers :]
+    def compute_targets(self, input_ids, attention_mask=None, target_idx=None):
+        """Teacher pass over the full sequence: (B, L) -> normalised targets (B, L, H), float32.
+
+        With target_idx (B, N) positions, returns only those tokens' targets (B, N, H), the same
+        numbers as compute_targets(input_ids)[rows, target_idx], cheaper: per-token target norms
+        ("layer_norm", "none") commute with the gather, so the teacher's last layer computes only the
+        target tokens and the norms run on them alone. "instance_norm" needs every token's state.
+        """
         kind = self.config.target_norm
+        per_token = kind != "instance_norm"
+        query_index = None
+        if target_idx is not None and per_token and target_idx.shape[1] < input_ids.shape[1]:
+            query_index = target_idx
+        outputs = self.teacher(
+            input_ids, attention_mask=attention_mask, output_hidden_states=True, query_index=query_index
+        )
+        layers = list(outputs.hidden_states[-self.config.target_num_layers :])
+        if target_idx is not None and per_token:  # gather first, normalise the N tokens only
+            layers = [h if query_index is not None and i == len(layers) - 1 else select_tokens(h, target_idx)
+                      for i, h in enumerate(layers)]
         if len(layers) == 1:
-            return normalize_targets(layers[0].float(), kind)
-        averaged = torch.stack([normalize_targets(h.float(), kind) for h in layers]).mean(dim=0)
-        return normalize_targets(averaged, kind)
+            targets = normalize_targets(layers[0].float(), kind)
+        else:
+            averaged = sum(normalize_targets(h.float(), kind) for h in layers) / len(layers)
+            targets = normalize_targets(averaged, kind)
+        if target_idx is not None and not per_token:
+            targets = select_tokens(targets, target_idx)
+        return targets
 
     def forward(self, input_ids, context_idx, target_idx, attention_mask=None, return_dict=None, **kwargs):
         # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt)
@@ -516,8 +581,9 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
         rows = batch * num_masks
 
-        # 1. teacher: one full-sequence pass shared by the K masks
-        targets_full = self.compute_targets(input_ids, attention_mask)  # (B, L, H)
+        # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions
+        targets = self.compute_targets(input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target))
+        targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
 
         # 2. student: only the visible tokens, keeping their original positions
         context_idx = context_idx.reshape(rows, num_context)
@@ -531,7 +597,6 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
         # 3. predictor: estimate the teacher's states at the target positions
         predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
-        targets = targets_full[row_to_sequence, target_idx]  # (B*K, Nt, H)
 
         return TextJepaForPreTrainingOutput(
             loss=self.compute_loss(predictions, targets),
