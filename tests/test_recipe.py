@@ -8,7 +8,7 @@ import torch
 from textjepa.training import checkpoint as ckpt
 from textjepa.training import schedules
 from textjepa.training.diagnostics import check_guards, effective_rank
-from textjepa.training.recipe import Recipe, RecipeError, load_recipe, parse_recipe
+from textjepa.training.recipe import Recipe, RecipeError, load_recipe
 
 
 def write(tmp_path, text, name="recipe.yaml"):
