@@ -29,13 +29,6 @@ def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-@torch.no_grad()
-def per_dimension_std(embeddings: torch.Tensor) -> float:
-    """Mean over hidden dims of the std across rows of (..., H) embeddings: 0 for a collapsed encoder."""
-    z = embeddings.detach().float().reshape(-1, embeddings.shape[-1])
-    return float(z.std(dim=0).mean()) if z.shape[0] > 1 else 0.0
-
-
 def check_guards(step: int, metrics: dict, *, guard_active: bool, min_std: float, min_rank: float) -> str | None:
     """Return why the run must stop (naming the step and the figure), or None.
 
