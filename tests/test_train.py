@@ -239,6 +239,13 @@ def test_nan_guard(tiny_data, tmp_path):
     assert (err.value.checkpoint / "trainer_state.json").is_file()
 
 
+def test_block_longer_than_positions_fails_before_any_work(tiny_data, tmp_path):
+    recipe = tiny_recipe(tiny_data, tmp_path / "run", **{"model.max_position_embeddings": 16})
+    with pytest.raises(ValueError, match="block_size=32 is longer than the model's max_position_embeddings=16"):
+        loop.train(recipe, announce=quiet)
+    assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_mlm_objective_trains_and_exports(tiny_data, tmp_path, caplog):
     from transformers import AutoModel, RobertaModel
 

@@ -212,6 +212,9 @@ def _train(recipe, resume, model, announce):
     set_seed(t.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
 
     # ---- data: the main process tokenizes and caches first, the others then read its cache
+    from textjepa.data import check_block_size
+
+    check_block_size(recipe.data.block_size, recipe.model.max_position_embeddings or recipe.data.block_size)
     setup_start = time.perf_counter()
     with accelerator.main_process_first():
         tokenizer = resolve_tokenizer(recipe, output_dir, is_main)
