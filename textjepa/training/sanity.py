@@ -32,20 +32,12 @@ def continuation_pairs(num_pairs: int = 256, words: int = 40, seed: int = 0) -> 
     return queries, answers
 
 
-@torch.no_grad()
-def _embed(model, tokenizer, texts, batch_size=64) -> torch.Tensor:
-    model.eval()
-    # RoBERTa numbers positions from padding_idx + 1: two table rows are never used by tokens
-    max_length = model.config.max_position_embeddings - (2 if model.config.model_type == "roberta" else 0)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                          max_length=min(128, max_length), return_tensors="pt")
-        states = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (states.float() * mask).sum(1) / mask.sum(1)  # (b, H) mean over real tokens
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
-    return torch.cat(out)
+def _embed(model, tokenizer, texts) -> torch.Tensor:
+    """(N, H) L2-normalised mean-pooled embeddings, through the project's one encode()."""
+    from textjepa.evaluation.embedding import default_max_length, encode
+
+    max_length = min(128, default_max_length(model.config, tokenizer))
+    return encode(model, tokenizer, texts, max_length=max_length, show_progress=False, convert_to_tensor=True)
 
 
 def _retrieval_scores(similarity: torch.Tensor) -> tuple[float, float]:
