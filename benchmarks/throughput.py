@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from transformers import RobertaConfig, RobertaForMaskedLM  # noqa: E402
 
 from textjepa import TextJepaConfig, TextJepaForPreTraining  # noqa: E402
+from textjepa.masking import MaskingConfig, SpanMaskCollator  # noqa: E402
 from textjepa.modeling_textjepa import per_dimension_std  # noqa: E402
 
 CONFIGS = {
@@ -66,30 +67,13 @@ PAD_TOKEN_ID = 1
 
 
 def make_jepa_batches(vocab, batch, length, count, seed=0):
-    """count batches of (input_ids (B, L), context_idx (B, 1, Nc), target_idx (B, 1, Nt))."""
-    try:
-        from textjepa.masking import MaskingConfig, SpanMaskCollator
-    except ImportError:  # the benchmark must not depend on the data helper's module
-        SpanMaskCollator = None
+    """count batches of (input_ids (B, L), context_idx (B, 1, Nc), target_idx (B, 1, Nt)), default masks."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(count):
         ids = torch.randint(5, vocab, (batch, length), generator=generator)
-        if SpanMaskCollator is not None:
-            out = SpanMaskCollator(MaskingConfig(), seed=seed + i)([{"input_ids": row} for row in ids])
-            batches.append((out["input_ids"], out["context_idx"], out["target_idx"]))
-            continue
-        # fallback: 4 contiguous spans covering round(0.3 L) positions (a rough I-JEPA mask)
-        num_target = round(0.3 * length)
-        span = num_target // 4
-        starts = torch.stack([torch.randperm(length // span, generator=generator)[:4] * span for _ in range(batch)])
-        target = (starts[:, :, None] + torch.arange(span)).reshape(batch, -1)
-        is_target = torch.zeros(batch, length, dtype=torch.bool).scatter_(1, target, True)
-        order = torch.argsort(is_target.int(), dim=1, stable=True)  # context positions first, ascending
-        num_context = length - int(is_target[0].sum())
-        context_idx = order[:, :num_context].sort(dim=1).values
-        target_idx = order[:, num_context:].sort(dim=1).values
-        batches.append((ids, context_idx[:, None], target_idx[:, None]))
+        out = SpanMaskCollator(MaskingConfig(), seed=seed + i)([{"input_ids": row} for row in ids])
+        batches.append((out["input_ids"], out["context_idx"], out["target_idx"]))
     return batches
 
 
