@@ -329,6 +329,34 @@ def test_variance_regulariser_penalises_collapsed_predictions():
     assert base.compute_loss(collapsed, collapsed).item() == 0.0
 
 
+def test_sentence_target_is_the_teachers_mean_pooled_embedding_and_trains_the_student():
+    torch.manual_seed(0)
+    model = TextJepaForPreTraining(make_config(sentence_loss_weight=0.5))
+    ids = random_ids()
+    mask = torch.ones_like(ids)
+    mask[0, 20:] = 0  # padding must not enter the pooled target
+    context, target = random_masks(3, 2, 24, 16, 8)
+    context[0] = context[0].clamp(max=19)
+    target[0] = target[0].clamp(max=19)
+    targets, sentence = model.compute_targets(ids, mask, target.reshape(3, 16), return_sentence=True)
+    # the target is exactly what the exported encoder's mean pooling gives
+    expected = pool_hidden_states(model.teacher(ids, attention_mask=mask).last_hidden_state, mask, "mean")
+    torch.testing.assert_close(sentence, expected)
+    # token targets do not change when the sentence target is requested
+    torch.testing.assert_close(targets, model.compute_targets(ids, mask, target.reshape(3, 16)))
+
+    out = model(ids, context, target, attention_mask=mask)
+    assert out.sentence_loss is not None and 0.0 < out.sentence_loss.item() <= 2.0
+    torch.testing.assert_close(out.loss.detach(), out.token_loss + 0.5 * out.sentence_loss)
+    out.loss.backward()
+    assert model.sentence_predictor[0].weight.grad.abs().sum() > 0
+    assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    # off by default: no extra module, no extra term
+    base = TextJepaForPreTraining(make_config())
+    assert base.sentence_predictor is None
+    assert base(ids, context, target).sentence_loss is None
+
+
 def test_pretraining_step_in_bf16_autocast_on_cpu():
     model = TextJepaForPreTraining(make_config())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

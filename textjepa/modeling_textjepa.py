@@ -426,13 +426,16 @@ class TextJepaPredictor(nn.Module):
 class TextJepaForPreTrainingOutput(ModelOutput):
     """loss (scalar); predictions and targets (B*K, Nt, H); target_std and prediction_std: the mean
     over dimensions of the per-dimension standard deviation across target tokens (detached). A value
-    near 0 means every token maps to the same vector: collapse."""
+    near 0 means every token maps to the same vector: collapse. token_loss and sentence_loss: the
+    two terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0)."""
 
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
     targets: torch.Tensor | None = None
     target_std: torch.Tensor | None = None
     prediction_std: torch.Tensor | None = None
+    token_loss: torch.Tensor | None = None
+    sentence_loss: torch.Tensor | None = None
 
 
 def normalize_targets(hidden_states, kind):
@@ -461,6 +464,14 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         super().__init__(config)
         self.textjepa = TextJepaModel(config)
         self.predictor = TextJepaPredictor(config)
+        if config.sentence_loss_weight > 0:
+            # pooled student context (N, H) -> estimate of the teacher's pooled full text (N, H)
+            width = config.predictor_intermediate_size
+            self.sentence_predictor = nn.Sequential(
+                nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size)
+            )
+        else:
+            self.sentence_predictor = None
         self.post_init()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
@@ -544,18 +555,22 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_targets(self, input_ids, attention_mask=None, target_idx=None):
+    def compute_targets(self, input_ids, attention_mask=None, target_idx=None, return_sentence=False):
         """Teacher pass over the full sequence: (B, L) -> normalised targets (B, L, H), float32.
 
         With target_idx (B, N) positions, returns only those tokens' targets (B, N, H), the same
         numbers as compute_targets(input_ids)[rows, target_idx], cheaper: per-token target norms
         ("layer_norm", "none") commute with the gather, so the teacher's last layer computes only the
         target tokens and the norms run on them alone. "instance_norm" needs every token's state.
+
+        return_sentence=True also returns the teacher's sentence embedding (B, H), float32: the mean
+        of its last hidden states over non-padding tokens, i.e. what the exported encoder's mean
+        pooling gives. It needs every token's last layer, so the last-layer shortcut is off.
         """
         kind = self.config.target_norm
         per_token = kind != "instance_norm"
         query_index = None
-        if target_idx is not None and per_token and target_idx.shape[1] < input_ids.shape[1]:
+        if target_idx is not None and per_token and target_idx.shape[1] < input_ids.shape[1] and not return_sentence:
             query_index = target_idx
         outputs = self.teacher(
             input_ids, attention_mask=attention_mask, output_hidden_states=True, query_index=query_index
@@ -571,6 +586,9 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             targets = normalize_targets(averaged, kind)
         if target_idx is not None and not per_token:
             targets = select_tokens(targets, target_idx)
+        if return_sentence:
+            sentence = pool_hidden_states(outputs.last_hidden_state.float(), attention_mask, "mean")  # (B, H)
+            return targets, sentence
         return targets
 
     def forward(self, input_ids, context_idx, target_idx, attention_mask=None, return_dict=None, **kwargs):
@@ -582,7 +600,12 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         rows = batch * num_masks
 
         # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions
-        targets = self.compute_targets(input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target))
+        use_sentence = self.sentence_predictor is not None
+        targets = self.compute_targets(
+            input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target), return_sentence=use_sentence
+        )
+        if use_sentence:
+            targets, sentence_targets = targets  # sentence_targets (B, H)
         targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
 
         # 2. student: only the visible tokens, keeping their original positions
@@ -597,13 +620,25 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
         # 3. predictor: estimate the teacher's states at the target positions
         predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
+        token_loss = self.compute_loss(predictions, targets)
+        loss, sentence_loss = token_loss, None
+
+        # 4. optional sentence-level target: pooled visible context -> teacher's pooled whole text
+        if use_sentence:
+            pooled_context = pool_hidden_states(context_states, context_mask, "mean")  # (B*K, H)
+            sentence_predictions = self.sentence_predictor(pooled_context).float()
+            sentence_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, H)
+            sentence_loss = 1.0 - F.cosine_similarity(sentence_predictions, sentence_targets, dim=-1).mean()
+            loss = loss + self.config.sentence_loss_weight * sentence_loss
 
         return TextJepaForPreTrainingOutput(
-            loss=self.compute_loss(predictions, targets),
+            loss=loss,
             predictions=predictions,
             targets=targets,
             target_std=per_dimension_std(targets),
             prediction_std=per_dimension_std(predictions),
+            token_loss=token_loss.detach(),
+            sentence_loss=sentence_loss.detach() if sentence_loss is not None else None,
         )
 
     def compute_loss(self, predictions, targets):

@@ -293,7 +293,8 @@ def _train(recipe, resume, model, announce):
             group["lr"] = lr
             group["weight_decay"] = wd if group["apply_decay"] else 0.0
 
-        sums = torch.zeros(3, device=accelerator.device)  # loss, target_std, prediction_std over micro-batches
+        # loss, target_std, prediction_std, sentence_loss, summed over micro-batches
+        sums = torch.zeros(4, device=accelerator.device)
         grad_norm = None
         for _ in range(t.grad_accum):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -309,6 +310,8 @@ def _train(recipe, resume, model, announce):
             if recipe.objective == "jepa":
                 sums[1] += out.target_std.detach().float()
                 sums[2] += out.prediction_std.detach().float()
+                if out.sentence_loss is not None:
+                    sums[3] += out.sentence_loss.float()
         if not accelerator.sync_gradients:  # accumulate() must have synced on the last micro-batch
             raise RuntimeError(f"step {step}: gradients were not synchronised after {t.grad_accum} micro-batches")
 
@@ -331,7 +334,9 @@ def _train(recipe, resume, model, announce):
         if recipe.objective == "jepa":
             metrics.update(target_std=float(shared[1]) / world, prediction_std=float(shared[2]) / world,
                            momentum=momentum)
-        time_up = float(shared[3]) > 0
+            if unwrapped.config.sentence_loss_weight > 0:
+                metrics["sentence_loss"] = float(shared[3]) / world
+        time_up = float(shared[4]) > 0
         session_ends = time_up or state.step >= min(t.max_steps, stop_after)  # log final figures
         is_log_step = state.step % log_cfg.every == 0 or state.step == 1 or session_ends
         is_diag_step = state.step % log_cfg.diag_every == 0 or session_ends

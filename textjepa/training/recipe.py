@@ -49,6 +49,7 @@ class ModelSection:
     loss_type: Optional[Literal["smooth_l1", "mse"]] = None
     smooth_l1_beta: Optional[float] = None
     variance_reg_weight: Optional[float] = None
+    sentence_loss_weight: Optional[float] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     attn_implementation: Optional[Literal["sdpa", "eager"]] = None
 

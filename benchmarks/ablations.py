@@ -1,0 +1,148 @@
+"""A short-budget sweep over Text-JEPA's main knobs, each variant trained and evaluated alike.
+
+    python benchmarks/ablations.py --pretrain-data '../shared/data/pretrain/*.parquet' \
+        --eval-data ../shared/data --tokenizer DIR --packed DIR --steps 800 --out runs/ablations
+
+Every variant is the base recipe plus a few `--set` overrides (VARIANTS below): mask ratio and number
+of spans, top-k target layers, target normalisation, regression loss, EMA schedule, and the
+sentence-level target. Each one trains for the same number of steps on the same batches (same seed,
+same data order), exports its teacher, and runs `textjepa evaluate`; --jobs runs that many variants at
+once, one thread each (on a 2-core box, 2 jobs use it fully without OpenMP contention). The script
+writes ablations.md / ablations.json: final loss and collapse diagnostics beside every suite score.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_pretraining import SIZES, read_summary, suite_scores, train_cmd  # noqa: E402
+
+VARIANTS = {  # name -> overrides on top of the base recipe; "base" is the recipe as it stands
+    "base": [],
+    "mask 50%": ["mask.target_ratio=0.5"],
+    "mask 15%, 2 spans": ["mask.target_ratio=0.15", "mask.num_spans=2"],
+    "mask 30%, 8 spans": ["mask.num_spans=8"],
+    "top-1 layer": ["model.target_num_layers=1"],
+    "top-4 layers": ["model.target_num_layers=4"],
+    "instance norm": ["model.target_norm=instance_norm"],
+    "mse loss": ["model.loss_type=mse"],
+    "EMA 0.99->0.999": ["ema.momentum_start=0.99", "ema.momentum_end=0.999"],
+    "EMA 0.999->1": ["ema.momentum_start=0.999", "ema.momentum_end=1.0"],
+    "sentence target 1.0": ["model.sentence_loss_weight=1.0"],
+    "sentence target 1.0, EMA 0.99->0.999": ["model.sentence_loss_weight=1.0", "ema.momentum_start=0.99",
+                                             "ema.momentum_end=0.999"],
+}
+
+
+def variant_dir(out, name):
+    return out / "".join(c if c.isalnum() else "-" for c in name).strip("-")
+
+
+def launch(name, args, out, common):
+    """Start train-then-evaluate for one variant in the background; returns the Popen."""
+    run_dir = variant_dir(out, name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = common + VARIANTS[name]
+    train = train_cmd(args.recipe, str(run_dir / "run"), overrides)
+    evaluate = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--quiet",
+                "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json")]
+    if args.max_eval_examples:
+        evaluate += ["--max-examples", str(args.max_eval_examples)]
+    script = " && ".join(" ".join(f"'{part}'" for part in cmd) for cmd in (train, evaluate))
+    log = open(run_dir / "log.txt", "w")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    print(f"[start] {name}: {' '.join(VARIANTS[name]) or '(recipe as is)'}", flush=True)
+    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def collect(name, out):
+    run_dir = variant_dir(out, name)
+    summary = read_summary(run_dir / "run")
+    suite = json.loads((run_dir / "suite.json").read_text())
+    scores = {label: next(iter(per_model.values())) for label, per_model in suite_scores(suite).items()}
+    return {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
+            "scores": scores}
+
+
+def table(results):
+    labels = list(next(iter(results.values()))["scores"])
+    short = [label.replace(" (test)", "") for label in labels]
+    lines = ["| variant | final loss | target std | eff. rank | " + " | ".join(short) + " | average |",
+             "|---|---:|---:|---:|" + "---:|" * (len(labels) + 1)]
+    for name, r in results.items():
+        f = r["final"]
+        values = [r["scores"].get(label, float("nan")) for label in labels]
+        cells = [f"{v:.1f}" for v in values] + [f"**{sum(values) / len(values):.1f}**"]
+        lines.append(f"| {name} | {f.get('loss', float('nan')):.4f} | {f.get('target_std', float('nan')):.3f} | "
+                     f"{f.get('effective_rank', float('nan')):.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrain-data", required=True)
+    parser.add_argument("--eval-data", required=True)
+    parser.add_argument("--tokenizer", required=True, help="tokenizer directory (textjepa tokenizer train ...)")
+    parser.add_argument("--packed", help="packed dataset matching the tokenizer (skips tokenizing per variant)")
+    parser.add_argument("--out", default="runs/ablations")
+    parser.add_argument("--recipe", default="recipes/small.yaml")
+    parser.add_argument("--size", choices=sorted(SIZES), default="mini")
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
+    parser.add_argument("--max-eval-examples", type=int, default=2000)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
+    args = parser.parse_args(argv)
+
+    names = args.only or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = [f"data.source={args.pretrain_data}", f"data.tokenizer={args.tokenizer}"]
+    if args.packed:
+        data.append(f"data.packed_path={args.packed}")
+    common = SIZES[args.size] + data + [
+        f"train.max_steps={args.steps}", f"optim.warmup_steps={max(5, args.steps // 10)}",
+        f"train.batch_size={args.batch_size}", f"train.save_every={args.steps}", "train.threads=1",
+        "log.progress_bar=false", "log.plot=false", "log.sanity_check=false"] + args.overrides
+
+    started = time.time()
+    pending, running, failed = list(names), {}, []
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            running[name] = launch(name, args, out, common)
+        time.sleep(2)
+        for name, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[name]
+                print(f"[{'done' if proc.returncode == 0 else 'FAILED'}] {name} ({time.time() - started:.0f} s)",
+                      flush=True)
+                if proc.returncode:
+                    failed.append(name)
+
+    results = {name: collect(name, out) for name in names if name not in failed}
+    if not results:
+        raise SystemExit(f"every variant failed; see {out}/*/log.txt")
+    report = [f"# Text-JEPA ablations ({args.size}, {args.steps} steps x {args.batch_size} sequences, "
+              f"{args.jobs} jobs at 1 thread)", "", table(results), ""]
+    if failed:
+        report.append(f"failed: {failed} (see their log.txt)")
+    report.append(f"total wall time: {time.time() - started:.0f} s")
+    (out / "ablations.md").write_text("\n".join(report) + "\n")
+    (out / "ablations.json").write_text(json.dumps(results, indent=2))
+    print("\n".join(report))
+    if failed:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
