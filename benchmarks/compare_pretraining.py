@@ -57,6 +57,37 @@ def run(cmd, log_path=None):
     return time.time() - started
 
 
+def run_concurrently(steps, jobs):
+    """steps: {name: (cmd, log_path)}. With jobs > 1, up to `jobs` run at once, each held to one
+    OpenMP thread (two 1-thread jobs use a 2-core box fully, where two 2-thread jobs fight over it and
+    one 2-thread job stalls on every synchronisation). Returns {name: wall seconds}."""
+    if jobs <= 1:
+        return {name: run(cmd, log_path) for name, (cmd, log_path) in steps.items()}
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    pending, running, seconds = list(steps), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            name = pending.pop(0)
+            cmd, log_path = steps[name]
+            print("$ " + " ".join(cmd), flush=True)
+            log = open(log_path, "w")
+            running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log, time.time())
+        time.sleep(1)
+        for name, (proc, log, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            seconds[name] = time.time() - started
+            if proc.returncode != 0:
+                for other, *_ in running.values():
+                    other.kill()
+                cmd, log_path = steps[name]
+                tail = Path(log_path).read_text()[-3000:]
+                raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+    return seconds
+
+
 def read_log(output_dir):
     from textjepa.training.diagnostics import read_jsonl
     from textjepa.training.loop import METRICS_FILE
@@ -162,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--max-eval-examples", type=int, help="cap per split in the suite (smoke runs)")
     parser.add_argument("--skip-minilm", action="store_true")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for both runs")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="train the two objectives at once, one thread each (2 on a 2-core CPU box)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -182,26 +215,32 @@ def main(argv=None):
         data.append(f"data.packed_path={args.packed}")
     common = SIZES[args.size] + data + args.overrides
 
-    # 2. budgets: equal data (--steps) or equal wall-clock (calibrated seconds per step)
-    budgets = {}
-    for name, objective in (("textjepa", "jepa"), ("mlm", "mlm")):
-        if args.steps:
-            budgets[name] = {"objective": objective, "seconds_per_step": None, "max_steps": args.steps}
-            continue
-        calibration_dir = out / f"calibrate-{name}"
-        shutil.rmtree(calibration_dir, ignore_errors=True)
-        overrides = common + [f"objective={objective}", f"train.max_steps={args.calibration_steps}",
-                              "train.export=false", "log.every=5", f"log.diag_every={10 * args.calibration_steps}",
-                              "log.plot=false", "log.progress_bar=false", f"train.save_every={10 * args.calibration_steps}"]
-        run(train_cmd(args.recipe, str(calibration_dir), overrides), logs / f"calibrate-{name}.log")
-        seconds = measured_step_seconds(read_log(calibration_dir))
-        steps = max(int(args.minutes * 60 / seconds), args.calibration_steps)
-        budgets[name] = {"objective": objective, "seconds_per_step": seconds, "max_steps": steps}
-        print(f"{name}: {seconds:.3f} s/step -> {steps} steps in {args.minutes} min", flush=True)
+    # 2. budgets: equal data (--steps) or equal wall-clock (calibrated seconds per step, measured
+    #    under the same concurrency as the real runs)
+    objectives = {"textjepa": "jepa", "mlm": "mlm"}
+    budgets = {name: {"objective": objective, "seconds_per_step": None, "max_steps": args.steps}
+               for name, objective in objectives.items()}
+    if not args.steps:
+        calibrations = {}
+        for name, objective in objectives.items():
+            calibration_dir = out / f"calibrate-{name}"
+            shutil.rmtree(calibration_dir, ignore_errors=True)
+            overrides = common + [f"objective={objective}", f"train.max_steps={args.calibration_steps}",
+                                  "train.export=false", "log.every=5", f"log.diag_every={10 * args.calibration_steps}",
+                                  "log.plot=false", "log.progress_bar=false",
+                                  f"train.save_every={10 * args.calibration_steps}"]
+            calibrations[name] = (train_cmd(args.recipe, str(calibration_dir), overrides), logs / f"calibrate-{name}.log")
+        run_concurrently(calibrations, args.jobs)
+        for name, budget in budgets.items():
+            seconds = measured_step_seconds(read_log(out / f"calibrate-{name}"))
+            budget.update(seconds_per_step=seconds,
+                          max_steps=max(int(args.minutes * 60 / seconds), args.calibration_steps))
+            print(f"{name}: {seconds:.3f} s/step -> {budget['max_steps']} steps in {args.minutes} min", flush=True)
 
-    # 3. equal wall-clock pretraining
+    # 3. pretraining, both objectives (concurrently with --jobs 2)
     models = {}
     runs = {}
+    trainings = {}
     for name, budget in budgets.items():
         run_dir = out / name
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -211,7 +250,11 @@ def main(argv=None):
                               "log.progress_bar=false"]
         if not args.steps:
             overrides.append(f"train.max_minutes={args.minutes * 1.15:.2f}")
-        budget["wall_seconds"] = run(train_cmd(args.recipe, str(run_dir), overrides), logs / f"train-{name}.log")
+        trainings[name] = (train_cmd(args.recipe, str(run_dir), overrides), logs / f"train-{name}.log")
+    for name, seconds in run_concurrently(trainings, args.jobs).items():
+        budgets[name]["wall_seconds"] = seconds
+    for name, budget in budgets.items():
+        run_dir = out / name
         runs[name] = read_log(run_dir)
         summary = read_summary(run_dir)
         flops_per_step = step_flops(run_dir, budget["objective"])

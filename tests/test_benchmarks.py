@@ -38,7 +38,7 @@ def test_compare_pretraining_smoke(tmp_path):
         "--out", str(out), "--size", "tiny", "--recipe", str(RECIPES / "quickstart.yaml"), "--minutes", "0.02",
         "--vocab-size", "120", "--calibration-steps", "3", "--skip-minilm",
         "--set", "data.block_size=32", "--set", "train.batch_size=4", "--set", "log.probe_size=8",
-        "--set", "mask.num_masks=1",
+        "--set", "mask.num_masks=1", "--jobs", "2",
     ])
     report = (out / "results.md").read_text()
     for name in ("textjepa", "mlm", "random-init", "average"):
@@ -47,3 +47,29 @@ def test_compare_pretraining_smoke(tmp_path):
     assert set(results["models"]) == {"textjepa", "mlm", "random-init"}
     assert all(results["budgets"][name]["steps_done"] >= 1 for name in ("textjepa", "mlm"))
     assert (out / "compare.png").stat().st_size > 0
+
+
+def test_ablations_smoke(tmp_path):
+    import ablations
+
+    from textjepa.tokenization import train_tokenizer
+
+    words = "the whale sea ship captain harpoon crew deck wind storm night day sail boat".split()
+    lines = [" ".join(words[(i * 5 + j) % len(words)] for j in range(12 + i % 5)) for i in range(300)]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(lines) + "\n")
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(str(corpus), vocab_size=120, output_dir=str(tokenizer_dir))
+    out = tmp_path / "ablations"
+    ablations.main([
+        "--pretrain-data", str(corpus), "--eval-data", str(make_eval_data_dir(tmp_path / "eval")),
+        "--tokenizer", str(tokenizer_dir), "--out", str(out), "--size", "tiny", "--steps", "3",
+        "--batch-size", "4", "--recipe", str(RECIPES / "quickstart.yaml"),
+        "--only", "base", "--only", "sentence target 1.0", "--max-eval-examples", "20",
+        "--set", "data.block_size=32", "--set", "log.probe_size=8", "--set", "mask.num_masks=1",
+    ])
+    report = (out / "ablations.md").read_text()
+    assert "| base |" in report and "| sentence target 1.0 |" in report
+    results = json.loads((out / "ablations.json").read_text())
+    assert results["sentence target 1.0"]["final"]["sentence_loss"] > 0
+    assert "sentence_loss" not in results["base"]["final"]
