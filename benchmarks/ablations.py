@@ -3,12 +3,13 @@
     python benchmarks/ablations.py --pretrain-data '../shared/data/pretrain/*.parquet' \
         --eval-data ../shared/data --tokenizer DIR --packed DIR --steps 800 --out runs/ablations
 
-Every variant is the base recipe plus a few `--set` overrides (VARIANTS below): mask ratio and number
-of spans, top-k target layers, target normalisation, regression loss, EMA schedule, and the
-sentence-level target. Each one trains for the same number of steps on the same batches (same seed,
+Every variant is the base recipe plus a few `--set` overrides (VARIANTS below): the token-level
+objective alone with one knob changed at a time (mask ratio and number of spans, top-k target layers,
+target normalisation, regression loss, EMA schedule), then with the sentence-level target added. Each one trains for the same number of steps on the same batches (same seed,
 same data order), exports its teacher, and runs `textjepa evaluate`; --jobs runs that many variants at
 once, one thread each (on a 2-core box, 2 jobs use it fully without OpenMP contention). The script
 writes ablations.md / ablations.json: final loss and collapse diagnostics beside every suite score.
+Rerunning it skips the variants already finished under --out (delete a variant's folder to redo it).
 """
 
 import argparse
@@ -22,20 +23,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_pretraining import SIZES, read_summary, suite_scores, train_cmd  # noqa: E402
 
-VARIANTS = {  # name -> overrides on top of the base recipe; "base" is the recipe as it stands
-    "base": [],
-    "mask 50%": ["mask.target_ratio=0.5"],
-    "mask 15%, 2 spans": ["mask.target_ratio=0.15", "mask.num_spans=2"],
-    "mask 30%, 8 spans": ["mask.num_spans=8"],
-    "top-1 layer": ["model.target_num_layers=1"],
-    "top-4 layers": ["model.target_num_layers=4"],
-    "instance norm": ["model.target_norm=instance_norm"],
-    "mse loss": ["model.loss_type=mse"],
-    "EMA 0.99->0.999": ["ema.momentum_start=0.99", "ema.momentum_end=0.999"],
-    "EMA 0.999->1": ["ema.momentum_start=0.999", "ema.momentum_end=1.0"],
-    "sentence target 1.0": ["model.sentence_loss_weight=1.0"],
-    "sentence target 1.0, EMA 0.99->0.999": ["model.sentence_loss_weight=1.0", "ema.momentum_start=0.99",
-                                             "ema.momentum_end=0.999"],
+TOKENS_ONLY = ["model.sentence_loss_weight=0"]
+FAST_EMA = ["ema.momentum_start=0.99", "ema.momentum_end=0.999"]
+VARIANTS = {  # name -> overrides on top of the base recipe
+    # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
+    "tokens: base": TOKENS_ONLY,
+    "tokens: mask 50%": TOKENS_ONLY + ["mask.target_ratio=0.5"],
+    "tokens: mask 15%, 2 spans": TOKENS_ONLY + ["mask.target_ratio=0.15", "mask.num_spans=2"],
+    "tokens: mask 30%, 8 spans": TOKENS_ONLY + ["mask.num_spans=8"],
+    "tokens: top-1 layer": TOKENS_ONLY + ["model.target_num_layers=1"],
+    "tokens: top-4 layers": TOKENS_ONLY + ["model.target_num_layers=4"],
+    "tokens: instance norm": TOKENS_ONLY + ["model.target_norm=instance_norm"],
+    "tokens: mse loss": TOKENS_ONLY + ["model.loss_type=mse"],
+    "tokens: EMA 0.99->0.999": TOKENS_ONLY + FAST_EMA,
+    "tokens: EMA 0.999->1": TOKENS_ONLY + ["ema.momentum_start=0.999", "ema.momentum_end=1.0"],
+    # plus the sentence-level latent target
+    "+ sentence 1.0": ["model.sentence_loss_weight=1.0"],
+    "+ sentence 1.0, EMA 0.99->0.999": ["model.sentence_loss_weight=1.0"] + FAST_EMA,
+    "+ sentence 3.0, EMA 0.99->0.999": ["model.sentence_loss_weight=3.0"] + FAST_EMA,
+    "+ sentence 1.0, EMA 0.99->0.999, mask 50%": ["model.sentence_loss_weight=1.0"] + FAST_EMA
+    + ["mask.target_ratio=0.5"],
 }
 
 
@@ -115,7 +122,12 @@ def main(argv=None):
         "log.progress_bar=false", "log.plot=false", "log.sanity_check=false"] + args.overrides
 
     started = time.time()
-    pending, running, failed = list(names), {}, []
+    # a variant with both a summary and a suite result is done: rerunning the script resumes the sweep
+    finished = [n for n in names if (variant_dir(out, n) / "suite.json").exists()
+                and (variant_dir(out, n) / "run" / "summary.json").exists()]
+    for name in finished:
+        print(f"[done before] {name}", flush=True)
+    pending, running, failed = [n for n in names if n not in finished], {}, []
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)

@@ -303,7 +303,7 @@ def test_ema_momentum_schedules():
 
 @pytest.mark.parametrize("loss_type", ["smooth_l1", "mse"])
 def test_loss_is_zero_iff_predictions_equal_targets(loss_type):
-    model = TextJepaForPreTraining(make_config(loss_type=loss_type))
+    model = TextJepaForPreTraining(make_config(loss_type=loss_type, sentence_loss_weight=0.0))  # token loss only
     targets = torch.randn(4, 5, 32)
     assert model.compute_loss(targets.clone(), targets).item() == 0.0
     assert model.compute_loss(targets + 0.1, targets).item() > 0.0
@@ -351,8 +351,8 @@ def test_sentence_target_is_the_teachers_mean_pooled_embedding_and_trains_the_st
     out.loss.backward()
     assert model.sentence_predictor[0].weight.grad.abs().sum() > 0
     assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    # off by default: no extra module, no extra term
-    base = TextJepaForPreTraining(make_config())
+    # weight 0 turns it off: no extra module, no extra term
+    base = TextJepaForPreTraining(make_config(sentence_loss_weight=0.0))
     assert base.sentence_predictor is None
     assert base(ids, context, target).sentence_loss is None
 

@@ -49,7 +49,7 @@ class TextJepaConfig(PreTrainedConfig):
         loss_type: "smooth_l1" (beta = smooth_l1_beta) or "mse", averaged over target tokens and dims.
         variance_reg_weight: weight of a VICReg-style hinge on the per-dimension std of predictions
             (0 = off, the default; the EMA teacher is what prevents collapse).
-        sentence_loss_weight: weight of a sentence-level latent target (0 = off): a small MLP
+        sentence_loss_weight: weight of a sentence-level latent target (1.0, the default; 0 = off): a small MLP
             (sentence_predictor) maps the mean of the student's visible-token states to the teacher's
             mean-pooled embedding of the whole text, scored by cosine distance. The token targets
             alone teach token-level features; this term shapes the pooled vector that search and
@@ -91,7 +91,7 @@ class TextJepaConfig(PreTrainedConfig):
     loss_type: Literal["smooth_l1", "mse"] = "smooth_l1"
     smooth_l1_beta: float = 1.0
     variance_reg_weight: float = 0.0
-    sentence_loss_weight: float = 0.0
+    sentence_loss_weight: float = 1.0
     # EMA teacher
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0

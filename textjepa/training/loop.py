@@ -433,6 +433,8 @@ def format_summary(summary: dict) -> str:
     if summary["objective"] == "jepa":
         lines.append(f"  target std {fmt(final.get('target_std'))}, prediction std {fmt(final.get('prediction_std'))}, "
                      f"EMA momentum {fmt(final.get('momentum'))}")
+        if final.get("sentence_loss") is not None:
+            lines.append(f"  sentence-level term of the loss (1 - cosine): {fmt(final.get('sentence_loss'))}")
     lines.append(f"  effective rank of pooled {'teacher' if summary['objective'] == 'jepa' else 'encoder'} "
                  f"embeddings (probe batch): {fmt(final.get('effective_rank'))}")
     lines.append(f"  checkpoint: {summary['checkpoint']}")

@@ -6,14 +6,16 @@ from pathlib import Path
 
 from .diagnostics import read_jsonl
 
-PANELS = [  # (metric key, title, log scale)
-    ("loss", "loss", True),
+PANELS = [  # (metric key, title, log scale); EXTRA_KEYS share a panel with their key
+    ("loss", "loss (total, and its sentence-level term)", True),
     ("lr", "learning rate", False),
     ("target_std", "target / prediction std", False),
     ("effective_rank", "effective rank (RankMe, probe batch)", False),
     ("grad_norm", "grad norm", True),
     ("tokens_per_s", "tokens / s", False),
 ]
+
+EXTRA_KEYS = {"loss": ["sentence_loss"], "target_std": ["prediction_std"]}
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
@@ -27,7 +29,7 @@ def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str 
         return None
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (key, panel_title, log_scale) in zip(axes.flat, PANELS):
-        keys = [key] + (["prediction_std"] if key == "target_std" else [])
+        keys = [key] + EXTRA_KEYS.get(key, [])
         for k in keys:
             points = [(r["step"], r[k]) for r in records if isinstance(r.get(k), (int, float))]
             if points:
