@@ -42,6 +42,12 @@ SIZES = {  # name -> recipe overrides for the encoder (the predictor keeps the r
 }
 
 
+def step_failed(cmd, returncode, log_path):
+    """The error that ends the script when a step fails: the command and the tail of its log."""
+    tail = Path(log_path).read_text()[-3000:]
+    return SystemExit(f"step failed ({returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+
+
 def run(cmd, log_path=None):
     """Run a CLI step, echoing the command; its output goes to log_path (and stays on failure)."""
     print("$ " + " ".join(cmd), flush=True)
@@ -52,8 +58,7 @@ def run(cmd, log_path=None):
         with open(log_path, "w") as log:
             result = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if result.returncode != 0:
-            tail = Path(log_path).read_text()[-3000:]
-            raise SystemExit(f"step failed ({result.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+            raise step_failed(cmd, result.returncode, log_path)
     return time.time() - started
 
 
@@ -83,8 +88,7 @@ def run_concurrently(steps, jobs):
                 for other, *_ in running.values():
                     other.kill()
                 cmd, log_path = steps[name]
-                tail = Path(log_path).read_text()[-3000:]
-                raise SystemExit(f"step failed ({proc.returncode}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+                raise step_failed(cmd, proc.returncode, log_path)
     return seconds
 
 
