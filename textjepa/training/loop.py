@@ -334,7 +334,7 @@ def _train(recipe, resume, model, announce):
         if recipe.objective == "jepa":
             metrics.update(target_std=float(shared[1]) / world, prediction_std=float(shared[2]) / world,
                            momentum=momentum)
-            if unwrapped.config.sentence_loss_weight > 0:
+            if out.sentence_loss is not None:  # the model has the sentence-level term
                 metrics["sentence_loss"] = float(shared[3]) / world
         time_up = float(shared[4]) > 0
         session_ends = time_up or state.step >= min(t.max_steps, stop_after)  # log final figures
