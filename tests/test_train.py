@@ -125,15 +125,20 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     assert (out / "export" / "tokenizer.json").is_file()
 
 
-def test_resume_is_exact(tiny_data, tmp_path):
-    full = tiny_recipe(tiny_data, tmp_path / "full", **{"train.save_every": 4})
+CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,
+            "model.pooled_reg": "sigreg", "model.pooled_reg_weight": 0.1}
+
+
+@pytest.mark.parametrize("objective", [{}, CONCEPTS], ids=["tokens+sentence", "concepts"])
+def test_resume_is_exact(tiny_data, tmp_path, objective):
+    full = tiny_recipe(tiny_data, tmp_path / "full", **{"train.save_every": 4}, **objective)
     loop.train(full, announce=quiet)
-    part = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4, "train.stop_after": 6})
+    part = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4, "train.stop_after": 6}, **objective)
     summary = loop.train(part, announce=quiet)
     assert summary["steps"] == 6 and "stop_after" in summary["end_reason"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part")] == ["checkpoint-00000004",
                                                                           "checkpoint-00000006"]
-    rest = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4})
+    rest = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4}, **objective)
     loop.train(rest, resume=True, announce=quiet)
     full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(resumed_losses) == list(range(1, 13))  # the log was continued, not duplicated

@@ -25,6 +25,13 @@ How a row is sampled (vectorised over rows with numpy, no per-sample Python loop
      so it may contain target positions.
   6. Sorted indices come from np.nonzero on the boolean (B*K, L) masks (row-major, so ascending).
 
+Two views per block (num_views=2, for the cross-view target): each block of L tokens is cut into two
+segments of L/2 tokens, which become two rows of their own (row 2i = first half of block i, row 2i+1 =
+its second half; each segment keeps positions 0..L/2-1, like a text read on its own), and each row is
+masked as above. The batch then carries same_document (2B,) bool: True when no separator_token_id
+(the packer's document separator) lies strictly inside the block, i.e. both halves come from one
+document and may serve as each other's cross-view target.
+
 Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
 reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
 masks and runs are reproducible whenever torch is seeded (worker seeds derive from torch's RNG).
@@ -51,9 +58,13 @@ class MaskingConfig:
     extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
     allow_overlap: bool = False  # True: context sampled independently of targets, may include them
     special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
+    num_views: int = 1  # 2: cut each block into two segments (rows) for the cross-view target
+    separator_token_id: int | None = None  # the packer's document separator (num_views=2 pairs check it)
 
     def __post_init__(self):
         self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))
+        if self.num_views not in (1, 2):
+            raise ValueError(f"masking.num_views must be 1 or 2, got {self.num_views!r}")
         if not isinstance(self.num_masks, int) or self.num_masks < 1:
             raise ValueError(f"masking.num_masks must be an int >= 1, got {self.num_masks!r}")
         if not 0.0 < self.target_ratio < 1.0:
@@ -257,10 +268,27 @@ class SpanMaskCollator:
             input_ids = torch.stack(rows).long()
         else:
             input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        extra = {}
+        if self.config.num_views == 2:
+            input_ids, extra["same_document"] = split_views(input_ids, self.config.separator_token_id)
         context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
                                                input_ids.shape[1], input_ids.numpy())
         return {
             "input_ids": input_ids,
             "context_idx": torch.from_numpy(context_idx),
             "target_idx": torch.from_numpy(target_idx),
+            **extra,
         }
+
+
+def split_views(input_ids, separator_token_id):
+    """(B, L) blocks -> ((2B, L/2) segments, same_document (2B,) bool); see the module doc."""
+    batch, length = input_ids.shape
+    if length % 2:
+        raise ValueError(f"masking.num_views=2 cuts each block in half; the block length {length} is odd")
+    segments = input_ids.reshape(2 * batch, length // 2)  # row 2i: first half of block i, 2i+1: second half
+    if separator_token_id is None:
+        same = torch.ones(batch, dtype=torch.bool)
+    else:  # a separator at the very first or last position does not split the two halves' text
+        same = ~(input_ids[:, 1:-1] == separator_token_id).any(dim=1)
+    return segments, same.repeat_interleave(2)

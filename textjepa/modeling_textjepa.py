@@ -427,7 +427,9 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     """loss (scalar); predictions and targets (B*K, Nt, H); target_std and prediction_std: the mean
     over dimensions of the per-dimension standard deviation across target tokens (detached). A value
     near 0 means every token maps to the same vector: collapse. token_loss and sentence_loss: the
-    two terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0)."""
+    two main terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0).
+    loss_terms: every term the config turns on, unweighted and detached, by name (token_loss,
+    sentence_loss, span_loss, cross_view_loss, pooled_reg): what the trainer logs."""
 
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
@@ -436,6 +438,7 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     prediction_std: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
     sentence_loss: torch.Tensor | None = None
+    loss_terms: dict | None = None
 
 
 def normalize_targets(hidden_states, kind):
@@ -450,6 +453,67 @@ def normalize_targets(hidden_states, kind):
 def per_dimension_std(x):
     """(..., H) -> scalar: std of each dimension across all leading positions, averaged over H."""
     return x.detach().float().reshape(-1, x.shape[-1]).std(dim=0).mean()
+
+
+def cosine_distance(predictions, targets, weights=None):
+    """1 - cosine per row of (N, H) float tensors, averaged (weighted by `weights` (N,) when given)."""
+    distance = 1.0 - F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (N,)
+    if weights is None:
+        return distance.mean()
+    weights = weights.to(distance.dtype)
+    return (distance * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def span_means(values, target_idx):
+    """Mean of `values` (N, Nt, H) over each hidden span -> (S, H) for the S spans of all rows.
+
+    target_idx (N, Nt) is sorted per row, so a span is a run of consecutive positions: a new span
+    starts wherever the position jumps by more than one (a span that wrapped round the end of the
+    sequence counts as two; spans that touch count as one)."""
+    rows, num_target, width = values.shape
+    starts = torch.ones_like(target_idx, dtype=torch.bool)
+    starts[:, 1:] = target_idx[:, 1:] - target_idx[:, :-1] > 1
+    span_id = starts.long().cumsum(dim=1) - 1  # (N, Nt), 0-based within each row
+    flat_id = (span_id + torch.arange(rows, device=values.device)[:, None] * num_target).reshape(-1)
+    sums = values.new_zeros(rows * num_target, width).index_add_(0, flat_id, values.reshape(-1, width))
+    counts = torch.zeros(rows * num_target, device=values.device, dtype=values.dtype)
+    counts.index_add_(0, flat_id, torch.ones_like(flat_id, dtype=values.dtype))
+    used = counts > 0
+    return sums[used] / counts[used, None]
+
+
+def vicreg_regularizer(embeddings):
+    """VICReg's variance + covariance terms on a batch (N, H): a hinge pushing each dimension's std up
+    to 1, plus the squared off-diagonal covariance / H (decorrelated dimensions). Bardes et al. 2022."""
+    x = embeddings.float()
+    x = x - x.mean(dim=0)
+    std = torch.sqrt(x.var(dim=0) + 1e-4)
+    variance = F.relu(1.0 - std).mean()
+    cov = (x.T @ x) / max(x.shape[0] - 1, 1)  # (H, H)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    return variance + off_diagonal.pow(2).sum() / x.shape[1]
+
+
+def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, generator=None):
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far a batch (N, H) is from an isotropic Gaussian.
+
+    The batch is projected on num_slices random unit directions; each 1-D projection x (N,) gets the
+    Epps-Pulley statistic  integral over t of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt
+    (the empirical characteristic function against N(0, 1)'s), integrated by the trapezoid rule on
+    [0, t_max] (the integrand is even in t). Returns the mean over slices. It is not multiplied by N,
+    so a weight does not depend on the batch size: ~1/N for Gaussian samples, O(1) for collapsed ones.
+    """
+    x = embeddings.float()
+    directions = torch.randn(x.shape[1], num_slices, device=x.device, generator=generator)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    projected = x @ directions  # (N, slices)
+    t = torch.linspace(0.0, t_max, num_points, device=x.device)
+    gaussian_cf = torch.exp(-0.5 * t**2)  # (P,)
+    weights = torch.full((num_points,), 2 * t_max / (num_points - 1), device=x.device)
+    weights[[0, -1]] /= 2
+    angles = projected.unsqueeze(-1) * t  # (N, slices, P)
+    error = (angles.cos().mean(dim=0) - gaussian_cf) ** 2 + angles.sin().mean(dim=0) ** 2  # (slices, P)
+    return (error @ (weights * gaussian_cf)).mean()
 
 
 class TextJepaForPreTraining(TextJepaPreTrainedModel):
@@ -472,6 +536,14 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             )
         else:
             self.sentence_predictor = None
+        if config.cross_view_loss_weight > 0:
+            # pooled student context of one segment (N, H) -> teacher's pooled embedding of its partner
+            width = config.predictor_intermediate_size
+            self.view_predictor = nn.Sequential(
+                nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size)
+            )
+        else:
+            self.view_predictor = None
         self.post_init()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
@@ -591,16 +663,22 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             return targets, sentence
         return targets
 
-    def forward(self, input_ids, context_idx, target_idx, attention_mask=None, return_dict=None, **kwargs):
-        # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt)
+    def forward(self, input_ids, context_idx, target_idx, attention_mask=None, same_document=None,
+                return_dict=None, **kwargs):
+        # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt); same_document (B,) bool or None:
+        # from the collator's two views per block, rows 2i and 2i+1 are the two segments of one block
+        # and same_document says whether they come from one document (the cross-view target's pairs)
+        config = self.config
         batch, length = input_ids.shape
         if context_idx.dim() == 2:  # one mask per sequence
             context_idx, target_idx = context_idx[:, None], target_idx[:, None]
         num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
         rows = batch * num_masks
+        use_cross_view = self.view_predictor is not None and same_document is not None
+        use_sentence = self.sentence_predictor is not None or use_cross_view
+        use_tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
 
         # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions
-        use_sentence = self.sentence_predictor is not None
         targets = self.compute_targets(
             input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target), return_sentence=use_sentence
         )
@@ -617,28 +695,56 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         context_states = self.textjepa(
             context_ids, attention_mask=context_mask, position_ids=context_idx
         ).last_hidden_state  # (B*K, Nc, H)
+        pooled_context = pool_hidden_states(context_states, context_mask, "mean")  # (B*K, H)
 
-        # 3. predictor: estimate the teacher's states at the target positions
-        predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
-        token_loss = self.compute_loss(predictions, targets)
-        loss, sentence_loss = token_loss, None
+        # 3. predictor: estimate the teacher's states at the target positions (token- and span-level)
+        terms, weighted = {}, []
+        predictions = None
+        if use_tokens:
+            predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
+            terms["token_loss"] = self.compute_loss(predictions, targets)
+            weighted.append(config.token_loss_weight * terms["token_loss"])
+            if config.span_loss_weight > 0:  # the idea of each hidden span: its mean, not its tokens
+                terms["span_loss"] = cosine_distance(span_means(predictions.float(), target_idx),
+                                                     span_means(targets, target_idx))
+                weighted.append(config.span_loss_weight * terms["span_loss"])
 
-        # 4. optional sentence-level target: pooled visible context -> teacher's pooled whole text
-        if use_sentence:
-            pooled_context = pool_hidden_states(context_states, context_mask, "mean")  # (B*K, H)
-            sentence_predictions = self.sentence_predictor(pooled_context).float()
-            sentence_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, H)
-            sentence_loss = 1.0 - F.cosine_similarity(sentence_predictions, sentence_targets, dim=-1).mean()
-            loss = loss + self.config.sentence_loss_weight * sentence_loss
+        # 4. sentence-level targets from the pooled visible context
+        if self.sentence_predictor is not None:  # -> the teacher's pooled whole text (this segment)
+            own = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, H)
+            terms["sentence_loss"] = cosine_distance(self.sentence_predictor(pooled_context), own)
+            weighted.append(config.sentence_loss_weight * terms["sentence_loss"])
+        if use_cross_view:  # -> the teacher's pooled embedding of the partner segment of the same document
+            if batch % 2:
+                raise ValueError(f"cross-view targets need pairs of segments; got an odd batch of {batch} rows")
+            partner = torch.arange(batch, device=input_ids.device) ^ 1  # rows 2i <-> 2i+1
+            partner_targets = sentence_targets[partner].repeat_interleave(num_masks, dim=0)  # (B*K, H)
+            pair_weights = same_document.repeat_interleave(num_masks, dim=0)
+            terms["cross_view_loss"] = cosine_distance(self.view_predictor(pooled_context), partner_targets,
+                                                       pair_weights)
+            weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
 
+        # 5. optional guard on the geometry of the pooled student vectors
+        if config.pooled_reg != "none" and config.pooled_reg_weight > 0:
+            if config.pooled_reg == "vicreg":
+                terms["pooled_reg"] = vicreg_regularizer(pooled_context)
+            else:
+                terms["pooled_reg"] = sigreg_statistic(pooled_context, config.sigreg_num_slices)
+            weighted.append(config.pooled_reg_weight * terms["pooled_reg"])
+        if not weighted:
+            raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, "
+                             "span_loss_weight, sentence_loss_weight or cross_view_loss_weight > 0)")
+
+        reference = predictions if predictions is not None else pooled_context
         return TextJepaForPreTrainingOutput(
-            loss=loss,
+            loss=sum(weighted),
             predictions=predictions,
             targets=targets,
             target_std=per_dimension_std(targets),
-            prediction_std=per_dimension_std(predictions),
-            token_loss=token_loss.detach(),
-            sentence_loss=sentence_loss.detach() if sentence_loss is not None else None,
+            prediction_std=per_dimension_std(reference),
+            token_loss=terms["token_loss"].detach() if "token_loss" in terms else None,
+            sentence_loss=terms["sentence_loss"].detach() if "sentence_loss" in terms else None,
+            loss_terms={name: value.detach() for name, value in terms.items()},
         )
 
     def compute_loss(self, predictions, targets):

@@ -50,6 +50,12 @@ class ModelSection:
     smooth_l1_beta: Optional[float] = None
     variance_reg_weight: Optional[float] = None
     sentence_loss_weight: Optional[float] = None
+    token_loss_weight: Optional[float] = None
+    span_loss_weight: Optional[float] = None
+    cross_view_loss_weight: Optional[float] = None
+    pooled_reg: Optional[Literal["none", "vicreg", "sigreg"]] = None
+    pooled_reg_weight: Optional[float] = None
+    sigreg_num_slices: Optional[int] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     attn_implementation: Optional[Literal["sdpa", "eager"]] = None
 
@@ -93,6 +99,7 @@ class MaskSection:
     min_span_length: int = 1
     extra_context_drop: float = 0.0
     allow_overlap: bool = False
+    num_views: int = 1  # 2: each block becomes two half-length segments (the cross-view target's pairs)
     special_tokens_never_target: bool = True
     mlm_probability: float = 0.15
 
