@@ -26,6 +26,9 @@ from compare_pretraining import SIZES, read_summary, run_concurrently, suite_sco
 
 TOKENS_ONLY = ["model.sentence_loss_weight=0"]
 FAST_EMA = ["ema.momentum_start=0.99", "ema.momentum_end=0.999"]
+RECIPE = ["model.sentence_loss_weight=3.0"] + FAST_EMA  # the recipes' objective before the concept targets
+VIEWS = ["mask.num_views=2"]  # each 128-token block becomes two 64-token segments
+CROSS_VIEW = VIEWS + ["model.cross_view_loss_weight=3.0"]
 VARIANTS = {  # name -> overrides on top of the base recipe
     # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
     "tokens: base": TOKENS_ONLY,
@@ -47,6 +50,15 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "+ sentence 10.0, EMA 0.99->0.999": ["model.sentence_loss_weight=10.0"] + FAST_EMA,
     # two masks per text: two student views share one teacher pass (a costlier step: same steps, more FLOPs)
     "+ sentence 3.0, EMA 0.99->0.999, 2 masks": ["model.sentence_loss_weight=3.0"] + FAST_EMA + ["mask.num_masks=2"],
+    # concept-level targets (issue 10) on top of the recipe (tokens + sentence 3.0, EMA 0.99->0.999)
+    "concepts: recipe": RECIPE,
+    "concepts: two views": RECIPE + VIEWS,
+    "concepts: + cross-view 3": RECIPE + CROSS_VIEW,
+    "concepts: + cross-view 3, no token loss": RECIPE + CROSS_VIEW + ["model.token_loss_weight=0"],
+    "concepts: + cross-view 3, span 1": RECIPE + CROSS_VIEW + ["model.span_loss_weight=1.0"],
+    "concepts: + cross-view 3, bottleneck 1": RECIPE + CROSS_VIEW + ["model.bottleneck_loss_weight=1.0"],
+    "concepts: + cross-view 3, VICReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
+    "concepts: + cross-view 3, SIGReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
 }
 
 

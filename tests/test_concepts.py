@@ -93,20 +93,37 @@ def test_pooled_guards_tell_gaussian_from_collapsed():
 @pytest.mark.parametrize("reg", ["vicreg", "sigreg"])
 def test_concept_terms_train_student_and_heads_never_the_teacher(reg):
     model = make_model(span_loss_weight=1.0, cross_view_loss_weight=1.0, sentence_loss_weight=1.0,
-                       pooled_reg=reg, pooled_reg_weight=0.1)
+                       bottleneck_loss_weight=0.5, pooled_reg=reg, pooled_reg_weight=0.1)
     batch, _ = view_batch(batch=4, length=32, separator_in=(1,))
     out = model(**batch)
-    assert set(out.loss_terms) == {"token_loss", "span_loss", "sentence_loss", "cross_view_loss", "pooled_reg"}
+    assert set(out.loss_terms) == {"token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss",
+                                   "pooled_reg"}
     config = model.config
     expected = (out.loss_terms["token_loss"] + config.span_loss_weight * out.loss_terms["span_loss"]
                 + out.loss_terms["sentence_loss"] + out.loss_terms["cross_view_loss"]
-                + 0.1 * out.loss_terms["pooled_reg"])
+                + 0.5 * out.loss_terms["bottleneck_loss"] + 0.1 * out.loss_terms["pooled_reg"])
     torch.testing.assert_close(out.loss.detach(), expected)
     out.loss.backward()
     for module in (model.textjepa.embeddings.word_embeddings, model.predictor.output_projection,
-                   model.view_predictor[0], model.sentence_predictor[0]):
+                   model.view_predictor[0], model.sentence_predictor[0], model.bottleneck_predictor.input_projection):
         assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_bottleneck_decoder_reads_only_the_pooled_vector():
+    model = make_model(bottleneck_loss_weight=1.0, token_loss_weight=0.0, sentence_loss_weight=0.0)
+    assert len(model.bottleneck_predictor.layers) == 1
+    batch, _ = view_batch(batch=2, length=32)
+    with torch.no_grad():
+        targets = model.compute_targets(batch["input_ids"], target_idx=batch["target_idx"][:, 0])
+        context_idx = batch["context_idx"][:, 0]
+        pooled = model.textjepa(batch["input_ids"].gather(1, context_idx), position_ids=context_idx
+                                ).last_hidden_state.mean(dim=1)
+        decoded = model.bottleneck_predictor(pooled[:, None], torch.zeros(4, 1, dtype=torch.long),
+                                             batch["target_idx"][:, 0])
+    out = model(**batch)
+    assert set(out.loss_terms) == {"bottleneck_loss"}
+    torch.testing.assert_close(out.loss_terms["bottleneck_loss"], model.compute_loss(decoded, targets))
 
 
 def test_cross_view_target_is_the_partners_pooled_teacher_embedding():

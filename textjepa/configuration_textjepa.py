@@ -64,6 +64,10 @@ class TextJepaConfig(PreTrainedConfig):
             context of one segment to the teacher's mean-pooled embedding of the *other* segment of the
             same document (rows 2i and 2i+1 are partners; pairs that straddle a document boundary are
             skipped). No negatives: the EMA teacher is the only target.
+        bottleneck_loss_weight: weight of a latent bottleneck (0 = off; a latent-space RetroMAE): a second,
+            one-layer predictor (bottleneck_predictor) sees only the student's pooled visible context (one
+            vector, at position 0) plus mask tokens at the target positions, and regresses the teacher's
+            target states there with the token loss: the pooled vector itself must carry the content.
         pooled_reg, pooled_reg_weight: a guard on the geometry of the student's pooled context vectors
             (B*K, H): "vicreg" (hinge on each dimension's std up to 1 + squared off-diagonal covariance)
             or "sigreg" (LeJEPA: Epps-Pulley normality test on sigreg_num_slices random 1-D projections,
@@ -109,6 +113,7 @@ class TextJepaConfig(PreTrainedConfig):
     token_loss_weight: float = 1.0
     span_loss_weight: float = 0.0
     cross_view_loss_weight: float = 0.0
+    bottleneck_loss_weight: float = 0.0
     pooled_reg: Literal["none", "vicreg", "sigreg"] = "none"
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
@@ -157,7 +162,7 @@ class TextJepaConfig(PreTrainedConfig):
                 f"got {self.target_num_layers}"
             )
         for name in ("token_loss_weight", "span_loss_weight", "cross_view_loss_weight", "sentence_loss_weight",
-                     "pooled_reg_weight", "variance_reg_weight"):
+                     "bottleneck_loss_weight", "pooled_reg_weight", "variance_reg_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TextJepaConfig: {name} must be >= 0, got {getattr(self, name)}")
         if self.sigreg_num_slices < 1:

@@ -429,7 +429,7 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     near 0 means every token maps to the same vector: collapse. token_loss and sentence_loss: the
     two main terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0).
     loss_terms: every term the config turns on, unweighted and detached, by name (token_loss,
-    sentence_loss, span_loss, cross_view_loss, pooled_reg): what the trainer logs."""
+    sentence_loss, span_loss, cross_view_loss, bottleneck_loss, pooled_reg): what the trainer logs."""
 
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
@@ -544,6 +544,13 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             )
         else:
             self.view_predictor = None
+        if config.bottleneck_loss_weight > 0:
+            # one pooled vector + mask tokens -> the teacher's states at the targets (a one-layer decoder)
+            bottleneck_config = copy.copy(config)
+            bottleneck_config.predictor_num_hidden_layers = 1
+            self.bottleneck_predictor = TextJepaPredictor(bottleneck_config)
+        else:
+            self.bottleneck_predictor = None
         self.post_init()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
@@ -709,6 +716,12 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
                                                      span_means(targets, target_idx))
                 weighted.append(config.span_loss_weight * terms["span_loss"])
 
+        if self.bottleneck_predictor is not None:  # the same targets, seen through one pooled vector
+            pooled_position = torch.zeros(rows, 1, dtype=context_idx.dtype, device=context_idx.device)
+            decoded = self.bottleneck_predictor(pooled_context[:, None, :], pooled_position, target_idx)
+            terms["bottleneck_loss"] = self.compute_loss(decoded, targets)
+            weighted.append(config.bottleneck_loss_weight * terms["bottleneck_loss"])
+
         # 4. sentence-level targets from the pooled visible context
         if self.sentence_predictor is not None:  # -> the teacher's pooled whole text (this segment)
             own = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, H)
@@ -732,8 +745,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
                 terms["pooled_reg"] = sigreg_statistic(pooled_context, config.sigreg_num_slices)
             weighted.append(config.pooled_reg_weight * terms["pooled_reg"])
         if not weighted:
-            raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, "
-                             "span_loss_weight, sentence_loss_weight or cross_view_loss_weight > 0)")
+            raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, span_loss_weight, "
+                             "sentence_loss_weight, cross_view_loss_weight or bottleneck_loss_weight > 0)")
 
         reference = predictions if predictions is not None else pooled_context
         return TextJepaForPreTrainingOutput(

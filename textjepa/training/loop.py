@@ -414,7 +414,7 @@ def _train(recipe, resume, model, announce):
     return summary
 
 
-LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "pooled_reg")  # model's loss_terms
+LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg")  # model's loss_terms
 
 
 def _mean_throughput(history: list[dict]) -> float | None:

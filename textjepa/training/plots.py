@@ -15,7 +15,7 @@ PANELS = [  # (metric key, title, log scale); EXTRA_KEYS share a panel with thei
     ("tokens_per_s", "tokens / s", False),
 ]
 
-EXTRA_KEYS = {"loss": ["token_loss", "span_loss", "sentence_loss", "cross_view_loss", "pooled_reg"],
+EXTRA_KEYS = {"loss": ["token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg"],
               "target_std": ["prediction_std"]}
 
 

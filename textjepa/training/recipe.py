@@ -53,6 +53,7 @@ class ModelSection:
     token_loss_weight: Optional[float] = None
     span_loss_weight: Optional[float] = None
     cross_view_loss_weight: Optional[float] = None
+    bottleneck_loss_weight: Optional[float] = None
     pooled_reg: Optional[Literal["none", "vicreg", "sigreg"]] = None
     pooled_reg_weight: Optional[float] = None
     sigreg_num_slices: Optional[int] = None
