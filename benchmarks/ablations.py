@@ -75,7 +75,9 @@ def variant_command(name, args, out, common):
                 "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json")]
     if args.max_eval_examples:
         evaluate += ["--max-examples", str(args.max_eval_examples)]
-    script = " && ".join(shlex.join(cmd) for cmd in (train, evaluate))
+    # a variant that finished training (summary.json) only needs evaluating: rerunning resumes the sweep
+    steps = (evaluate,) if (run_dir / "run" / "summary.json").exists() else (train, evaluate)
+    script = " && ".join(shlex.join(cmd) for cmd in steps)
     return ["bash", "-c", script], run_dir / "log.txt"
 
 
