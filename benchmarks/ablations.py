@@ -54,6 +54,7 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "concepts: recipe": RECIPE,
     "concepts: two views": RECIPE + VIEWS,
     "concepts: + cross-view 3": RECIPE + CROSS_VIEW,
+    "concepts: + cross-view 3, 4 views": RECIPE + ["mask.num_views=4", "model.cross_view_loss_weight=3.0"],
     "concepts: + cross-view 3, no token loss": RECIPE + CROSS_VIEW + ["model.token_loss_weight=0"],
     "concepts: + cross-view 3, span 1": RECIPE + CROSS_VIEW + ["model.span_loss_weight=1.0"],
     "concepts: + cross-view 3, bottleneck 1": RECIPE + CROSS_VIEW + ["model.bottleneck_loss_weight=1.0"],

@@ -37,8 +37,15 @@ def test_split_views_pairs_halves_and_checks_document_boundaries():
     torch.testing.assert_close(segments[2], blocks[1, :4])
     torch.testing.assert_close(segments[3], blocks[1, 4:])
     assert same.tolist() == [True, True, False, False, True, True]
-    with pytest.raises(ValueError, match="odd"):
+    with pytest.raises(ValueError, match="divide the block length"):
         split_views(blocks[:, :7], SEP)
+    # four views: pairs (0, 1) and (2, 3) of each block, each pair checked on its own 4 tokens
+    segments, same = split_views(blocks, SEP, num_views=4)
+    assert segments.shape == (12, 2)
+    torch.testing.assert_close(segments[5], blocks[1, 2:4])
+    assert same.tolist() == [True] * 4 + [True, True, False, False] + [True] * 4
+    with pytest.raises(ValueError, match="even"):
+        split_views(blocks, SEP, num_views=3)
 
 
 def test_collator_with_two_views_masks_each_segment():

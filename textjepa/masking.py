@@ -25,12 +25,12 @@ How a row is sampled (vectorised over rows with numpy, no per-sample Python loop
      so it may contain target positions.
   6. Sorted indices come from np.nonzero on the boolean (B*K, L) masks (row-major, so ascending).
 
-Two views per block (num_views=2, for the cross-view target): each block of L tokens is cut into two
-segments of L/2 tokens, which become two rows of their own (row 2i = first half of block i, row 2i+1 =
-its second half; each segment keeps positions 0..L/2-1, like a text read on its own), and each row is
-masked as above. The batch then carries same_document (2B,) bool: True when no separator_token_id
-(the packer's document separator) lies strictly inside the block, i.e. both halves come from one
-document and may serve as each other's cross-view target.
+Views (num_views=V, an even number, for the cross-view target): each block of L tokens is cut into V
+segments of L/V tokens, which become rows of their own (row b*V + v = segment v of block b; each
+segment keeps positions 0..L/V-1, like a text read on its own), and each row is masked as above.
+Neighbouring segments 2j and 2j+1 are partners. The batch then carries same_document (B*V,) bool: True
+when no separator_token_id (the packer's document separator) lies strictly inside the pair's 2L/V
+tokens, i.e. both segments come from one document and may serve as each other's cross-view target.
 
 Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
 reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
@@ -58,13 +58,14 @@ class MaskingConfig:
     extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
     allow_overlap: bool = False  # True: context sampled independently of targets, may include them
     special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
-    num_views: int = 1  # 2: cut each block into two segments (rows) for the cross-view target
-    separator_token_id: int | None = None  # the packer's document separator (num_views=2 pairs check it)
+    num_views: int = 1  # 2, 4, ...: cut each block into that many segments (rows) for the cross-view target
+    separator_token_id: int | None = None  # the packer's document separator (cross-view pairs check it)
 
     def __post_init__(self):
         self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))
-        if self.num_views not in (1, 2):
-            raise ValueError(f"masking.num_views must be 1 or 2, got {self.num_views!r}")
+        if not isinstance(self.num_views, int) or self.num_views < 1 or (self.num_views > 1 and self.num_views % 2):
+            raise ValueError(f"masking.num_views must be 1 or an even int (segments in partner pairs), "
+                             f"got {self.num_views!r}")
         if not isinstance(self.num_masks, int) or self.num_masks < 1:
             raise ValueError(f"masking.num_masks must be an int >= 1, got {self.num_masks!r}")
         if not 0.0 < self.target_ratio < 1.0:
@@ -269,8 +270,9 @@ class SpanMaskCollator:
         else:
             input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         extra = {}
-        if self.config.num_views == 2:
-            input_ids, extra["same_document"] = split_views(input_ids, self.config.separator_token_id)
+        if self.config.num_views > 1:
+            input_ids, extra["same_document"] = split_views(input_ids, self.config.separator_token_id,
+                                                            self.config.num_views)
         context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
                                                input_ids.shape[1], input_ids.numpy())
         return {
@@ -281,14 +283,18 @@ class SpanMaskCollator:
         }
 
 
-def split_views(input_ids, separator_token_id):
-    """(B, L) blocks -> ((2B, L/2) segments, same_document (2B,) bool); see the module doc."""
+def split_views(input_ids, separator_token_id, num_views=2):
+    """(B, L) blocks -> ((B*V, L/V) segments, same_document (B*V,) bool); see the module doc.
+
+    Segment v of block b is row b*V + v; neighbouring rows 2j and 2j+1 are partners, and a pair is from
+    one document when no separator lies strictly inside the 2L/V tokens the two segments span."""
     batch, length = input_ids.shape
-    if length % 2:
-        raise ValueError(f"masking.num_views=2 cuts each block in half; the block length {length} is odd")
-    segments = input_ids.reshape(2 * batch, length // 2)  # row 2i: first half of block i, 2i+1: second half
+    if num_views % 2 or length % num_views:
+        raise ValueError(f"masking.num_views={num_views} must be even and divide the block length {length}")
+    segments = input_ids.reshape(batch * num_views, length // num_views)
+    pairs = input_ids.reshape(batch * num_views // 2, 2 * length // num_views)  # one row per partner pair
     if separator_token_id is None:
-        same = torch.ones(batch, dtype=torch.bool)
-    else:  # a separator at the very first or last position does not split the two halves' text
-        same = ~(input_ids[:, 1:-1] == separator_token_id).any(dim=1)
+        same = torch.ones(pairs.shape[0], dtype=torch.bool)
+    else:  # a separator at a pair's very first or last position does not split the two segments' text
+        same = ~(pairs[:, 1:-1] == separator_token_id).any(dim=1)
     return segments, same.repeat_interleave(2)

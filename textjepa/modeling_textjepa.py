@@ -673,8 +673,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
     def forward(self, input_ids, context_idx, target_idx, attention_mask=None, same_document=None,
                 return_dict=None, **kwargs):
         # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt); same_document (B,) bool or None:
-        # from the collator's two views per block, rows 2i and 2i+1 are the two segments of one block
-        # and same_document says whether they come from one document (the cross-view target's pairs)
+        # from the collator's views (masking.num_views), rows 2i and 2i+1 are neighbouring segments of one
+        # block and same_document says whether they come from one document (the cross-view target's pairs)
         config = self.config
         batch, length = input_ids.shape
         if context_idx.dim() == 2:  # one mask per sequence

@@ -100,7 +100,7 @@ class MaskSection:
     min_span_length: int = 1
     extra_context_drop: float = 0.0
     allow_overlap: bool = False
-    num_views: int = 1  # 2: each block becomes two half-length segments (the cross-view target's pairs)
+    num_views: int = 1  # 2, 4, ...: each block becomes that many segments (the cross-view target's pairs)
     special_tokens_never_target: bool = True
     mlm_probability: float = 0.15
 
