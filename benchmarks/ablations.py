@@ -29,6 +29,8 @@ FAST_EMA = ["ema.momentum_start=0.99", "ema.momentum_end=0.999"]
 RECIPE = ["model.sentence_loss_weight=3.0"] + FAST_EMA  # the recipes' objective before the concept targets
 VIEWS = ["mask.num_views=2"]  # each 128-token block becomes two 64-token segments
 CROSS_VIEW = VIEWS + ["model.cross_view_loss_weight=3.0"]
+HALVES = ["mask.views=document_halves"]  # each document piece of a block becomes two segments
+HALVES_CROSS = HALVES + ["model.cross_view_loss_weight=3.0"]
 VARIANTS = {  # name -> overrides on top of the base recipe
     # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
     "tokens: base": TOKENS_ONLY,
@@ -60,6 +62,14 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "concepts: + cross-view 3, bottleneck 1": RECIPE + CROSS_VIEW + ["model.bottleneck_loss_weight=1.0"],
     "concepts: + cross-view 3, VICReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
     "concepts: + cross-view 3, SIGReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
+    # document-aware views: every document piece in a block is cut in two halves, each read on its own
+    "halves: recipe": RECIPE + HALVES,
+    "halves: + cross-view 3": RECIPE + HALVES_CROSS,
+    "halves: + cross-view 3, no token loss": RECIPE + HALVES_CROSS + ["model.token_loss_weight=0"],
+    "halves: + cross-view 3, span 1": RECIPE + HALVES_CROSS + ["model.span_loss_weight=1.0"],
+    "halves: + cross-view 3, bottleneck 1": RECIPE + HALVES_CROSS + ["model.bottleneck_loss_weight=1.0"],
+    "halves: + cross-view 3, VICReg 1": RECIPE + HALVES_CROSS + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
+    "halves: + cross-view 3, SIGReg 1": RECIPE + HALVES_CROSS + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
 }
 
 

@@ -173,3 +173,51 @@ def test_concept_losses_are_deterministic_under_a_seed():
         torch.manual_seed(7)
         losses.append(model(**batch).loss.item())
     assert losses[0] == losses[1]
+
+
+def test_document_halves_segments_and_positions():
+    from textjepa.masking import document_half_segments
+
+    ids = torch.tensor([[5, 6, 7, SEP, 8, 9, SEP, 4, 4, 4, 4, 4],
+                        [SEP, 5, 5, 5, 5, SEP, 3, 3, 3, 3, 3, 3]]).numpy()
+    segments, positions = document_half_segments(ids, SEP)
+    assert segments.tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 4, 4, 5, 5], [0, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5]]
+    assert positions.tolist() == [[0, 1, 0, 1, 0, 1, 0, 0, 1, 2, 0, 1], [0, 0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2]]
+
+
+def document_batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(3, 97, (3, 32), generator=generator)
+    blocks[0, 11], blocks[1, 20], blocks[1, 25] = SEP, SEP, SEP
+    config = MaskingConfig(target_ratio=0.25, num_spans=2, views="document_halves", separator_token_id=SEP,
+                           special_token_ids=(0, 1, SEP))
+    return SpanMaskCollator(config, seed=seed)([{"input_ids": row} for row in blocks])
+
+
+def test_document_halves_keep_segments_apart_and_pair_the_halves():
+    model = make_model(cross_view_loss_weight=1.0, sentence_loss_weight=1.0, span_loss_weight=1.0,
+                       bottleneck_loss_weight=1.0, pooled_reg="vicreg", pooled_reg_weight=0.1)
+    batch = document_batch()
+    assert batch["segment_ids"].shape == batch["position_ids"].shape == (3, 32)
+    # the teacher reads each segment as a text of its own: the same numbers as encoding it alone
+    segment = batch["segment_ids"][1] == 2  # second document piece of row 1, first half
+    alone = model.teacher(batch["input_ids"][1:2, segment]).last_hidden_state.mean(dim=1)
+    _, pooled = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
+                                      position_ids=batch["position_ids"])
+    torch.testing.assert_close(pooled[1, 2], alone[0], rtol=1e-5, atol=1e-5)
+    out = model(**batch)
+    assert set(out.loss_terms) == {"token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss",
+                                   "pooled_reg"}
+    assert all(torch.isfinite(v) for v in out.loss_terms.values())
+    out.loss.backward()
+    assert model.view_predictor[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    # a change inside one segment moves no other segment's teacher embedding
+    changed = batch["input_ids"].clone()
+    changed[1, segment] = 50
+    _, pooled_changed = model.compute_targets(changed, return_sentence=True, segment_ids=batch["segment_ids"],
+                                              position_ids=batch["position_ids"])
+    others = torch.ones(pooled.shape[:2], dtype=torch.bool)
+    others[1, 2] = False
+    torch.testing.assert_close(pooled_changed[others], pooled[others])
+    assert not torch.allclose(pooled_changed[1, 2], pooled[1, 2])

@@ -129,7 +129,12 @@ CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_vie
             "model.pooled_reg": "sigreg", "model.pooled_reg_weight": 0.1}
 
 
-@pytest.mark.parametrize("objective", [{}, CONCEPTS], ids=["tokens+sentence", "concepts"])
+DOCUMENT_HALVES = {"mask.views": "document_halves", "model.cross_view_loss_weight": 1.0,
+                   "model.bottleneck_loss_weight": 1.0, "model.pooled_reg": "vicreg", "model.pooled_reg_weight": 0.1}
+
+
+@pytest.mark.parametrize("objective", [{}, CONCEPTS, DOCUMENT_HALVES],
+                         ids=["tokens+sentence", "concepts", "document-halves"])
 def test_resume_is_exact(tiny_data, tmp_path, objective):
     full = tiny_recipe(tiny_data, tmp_path / "full", **{"train.save_every": 4}, **objective)
     loop.train(full, announce=quiet)

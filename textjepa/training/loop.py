@@ -226,7 +226,7 @@ def _train(recipe, resume, model, announce):
                        if k not in ("special_tokens_never_target", "mlm_probability") and v is not None}
         if recipe.mask.special_tokens_never_target:
             mask_fields["special_token_ids"] = tuple(tokenizer.all_special_ids)
-        if recipe.mask.num_views > 1:  # the cross-view pairs must not straddle a document boundary
+        if recipe.mask.num_views > 1 or recipe.mask.views != "none":  # views must know document boundaries
             from textjepa.data import separator_token_id
 
             mask_fields["separator_token_id"] = separator_token_id(tokenizer)

@@ -101,6 +101,7 @@ class MaskSection:
     extra_context_drop: float = 0.0
     allow_overlap: bool = False
     num_views: int = 1  # 2, 4, ...: each block becomes that many segments (the cross-view target's pairs)
+    views: Literal["none", "document_halves"] = "none"  # segments per half document (cross-view pairs)
     special_tokens_never_target: bool = True
     mlm_probability: float = 0.15
 
