@@ -3,7 +3,8 @@
 TF-IDF:  scikit-learn TfidfVectorizer(word uni+bigrams, sublinear tf, min_df 2), fitted on the train
          split's texts (both sentences of a pair), L2-normalised rows. Probe tasks: the same
          logistic-regression / ridge probe as the encoders (glue.fit_probe), pairs as [u, v, |u-v|, u*v].
-         Zero-shot STS: cosine of the two sentences' vectors. Retrieval: cosine, fitted on the corpus.
+         Zero-shot STS: cosine of the two sentences' vectors. Retrieval: cosine, fitted on the corpus
+         with min_df 1.
 BM25:    bm25s (Lucene's BM25 variant, k1 0.9, b 0.4 as Anserini/Pyserini) over the whole corpus;
          tokenisation: lower-case, scikit-learn's word pattern (?u)\\b\\w\\w+\\b, bm25s' English stop
          words, no stemming. Retrieval only.
@@ -25,10 +26,10 @@ BM25_SETTINGS = dict(method="lucene", k1=0.9, b=0.4)
 BM25_TOKENS = dict(lower=True, token_pattern=r"(?u)\b\w\w+\b", stopwords="english")
 
 
-def _tfidf(texts):
+def _tfidf(texts, **overrides):
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    return TfidfVectorizer(**TFIDF_SETTINGS).fit(texts)
+    return TfidfVectorizer(**(TFIDF_SETTINGS | overrides)).fit(texts)
 
 
 def _train_vectorizer(spec):
@@ -67,11 +68,12 @@ def tfidf_sts(spec, split):
 
 
 def tfidf_retrieval(corpus, queries, qrels_by_split, k=100, name="", query_chunk=256):
-    """Cosine of TF-IDF vectors (fitted on the corpus) over the whole corpus."""
+    """Cosine of TF-IDF vectors (fitted on the corpus, min_df 1: a word of one document is the strongest
+    evidence a query can give) over the whole corpus."""
     start = time.time()
     doc_ids = list(corpus)
     query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
-    vectorizer = _tfidf([corpus[d] for d in doc_ids])
+    vectorizer = _tfidf([corpus[d] for d in doc_ids], min_df=1)
     documents = vectorizer.transform([corpus[d] for d in doc_ids]).T.tocsr()  # (V, N)
     query_vectors = vectorizer.transform([queries[q] for q in query_ids])
     rankings = {}
