@@ -82,8 +82,11 @@ def variant_command(name, args, out, common):
     run_dir = variant_dir(out, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     train = train_cmd(args.recipe, str(run_dir / "run"), common + VARIANTS[name])
+    # full corpora, both splits in suite.json; the table shows validation only: ablations choose, test is
+    # read once, in compare_pretraining's final table (baselines live there too)
     evaluate = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--quiet",
-                "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json")]
+                "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json"),
+                "--split", "both"]
     if args.max_eval_examples:
         evaluate += ["--max-examples", str(args.max_eval_examples)]
     # a variant that finished training (summary.json) only needs evaluating: rerunning resumes the sweep
@@ -102,9 +105,9 @@ def collect(name, out):
 
 
 def table(results):
-    labels = list(next(iter(results.values()))["scores"])
-    short = [label.replace(" (test)", "") for label in labels]
-    lines = ["| variant | final loss | target std | eff. rank | " + " | ".join(short) + " | average |",
+    labels = [label for label in next(iter(results.values()))["scores"] if label.endswith(" (validation)")]
+    short = [label.replace(" (validation)", "") for label in labels]
+    lines = ["| variant | final loss | target std | eff. rank | " + " | ".join(short) + " | average (validation) |",
              "|---|---:|---:|---:|" + "---:|" * (len(labels) + 1)]
     for name, r in results.items():
         f = r["final"]
