@@ -539,9 +539,43 @@ def test_encode_long_text_with_roberta_position_offset(tokenizer_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.model_max_length = 10**30  # "unset", as many tokenizers ship
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=18, pad_token_id=tokenizer.pad_token_id)
     RobertaModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     vectors = SentenceEncoder(tmp_path).encode([" ".join(FILLER * 4), "a short one"])
     assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+
+
+def test_ship_whitening_from_the_cli_is_applied_as_shipped(tmp_path):
+    """`textjepa whiten` fits on unlabeled text and SentenceEncoder then returns whitened vectors."""
+    import numpy as np
+
+    from textjepa import TextJepaConfig, TextJepaModel
+    from textjepa.cli import main as cli
+    from textjepa.evaluation import SentenceEncoder
+    from textjepa.evaluation.whitening import WHITENING_FILE, read_unlabeled_texts
+    from textjepa.training.batches import SHIPPED_TOKENIZER
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "encoder"
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_TOKENIZER))
+    torch.manual_seed(0)
+    TextJepaModel(TextJepaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "unlabeled.txt"
+    words = ["sea", "ship", "whale", "storm", "harbour", "captain", "rope", "sail", "wind", "night"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)) + "\n")
+    raw = SentenceEncoder(str(model_dir)).encode(read_unlabeled_texts(str(corpus), 300), normalize=False)
+    assert cli(["whiten", "--model", str(model_dir), "--on", str(corpus), "--max-docs", "300"]) == 0
+    assert (model_dir / WHITENING_FILE).is_file()
+    shipped = SentenceEncoder(str(model_dir)).encode(read_unlabeled_texts(str(corpus), 300), normalize=False)
+    covariance = np.cov(shipped, rowvar=False)
+    raw_covariance = np.cov(raw, rowvar=False)
+    # whitened on the texts it was fitted on: mean ~0 and the covariance's top eigenvalues pulled to ~1
+    assert np.abs(shipped.mean(axis=0)).max() < 1e-3
+    assert np.linalg.eigvalsh(covariance).max() < 1.5
+    raw_eigenvalues = np.linalg.eigvalsh(raw_covariance)
+    assert raw_eigenvalues.max() > 3 * np.median(raw_eigenvalues)  # the raw vectors were not white to begin with

@@ -94,7 +94,8 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     out = tmp_path / "run"
     recipe = tiny_recipe(tiny_data, out, **{"train.max_steps": 60, "optim.lr": 1e-2, "train.export": True,
                                             "log.plot": True, "log.trackers": ["jsonl", "tensorboard"],
-                                            "log.every": 2})
+                                            "log.every": 2, "train.export_whiten_on": tiny_data["corpus"],
+                                            "train.export_whiten_docs": 100})
     summary = loop.train(recipe, announce=quiet)
     records = read_jsonl(out / loop.METRICS_FILE)
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
@@ -123,6 +124,11 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     card = (out / "export" / "README.md").read_text()
     assert "15,360 tokens seen" in card and "effective_rank" in card and "objective: jepa" in card
     assert (out / "export" / "tokenizer.json").is_file()
+    # whitening fitted on the corpus ships inside the export, and SentenceEncoder applies it
+    from textjepa.evaluation import SentenceEncoder
+
+    assert summary["whitening"] == str(out / "export" / "whitening.safetensors")
+    assert len(SentenceEncoder(str(out / "export")).whitening) == 1
 
 
 CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,

@@ -5,6 +5,7 @@
     textjepa export ...            -> textjepa.training.export.main
     textjepa evaluate ...          -> textjepa.evaluation.suite.main
     textjepa glue ...              -> textjepa.evaluation.glue.main
+    textjepa whiten ...            -> textjepa.evaluation.whitening.main
 """
 
 import importlib
@@ -17,6 +18,7 @@ COMMANDS = {
     "export": ("textjepa.training.export", "main"),
     "evaluate": ("textjepa.evaluation.suite", "main"),
     "glue": ("textjepa.evaluation.glue", "main"),
+    "whiten": ("textjepa.evaluation.whitening", "main"),
 }
 
 

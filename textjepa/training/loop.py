@@ -402,6 +402,13 @@ def _train(recipe, resume, model, announce):
             export_dir = output_dir / "export"
             export_model(unwrapped, recipe, tokenizer, export_dir, which=t.export_which, trainer_state=state)
             summary["export"] = str(export_dir)
+            if t.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
+                from textjepa.evaluation.whitening import ship_whitening
+
+                from .batches import text_source
+
+                source = text_source(t.export_whiten_on, output_dir)
+                summary["whitening"] = ship_whitening(export_dir, source, t.export_whiten_docs)
         if log_cfg.plot and metrics_log is not None:
             from .plots import plot_training_curves
 

@@ -155,6 +155,10 @@ class TrainSection:
     max_minutes: Optional[float] = None
     export: bool = True
     export_which: Literal["teacher", "student"] = "teacher"
+    # unlabeled text (file or glob) to fit whitening on at export: shipped in export/whitening.safetensors
+    # and applied by every SentenceEncoder; null ships none ("quickstart": the shipped corpus)
+    export_whiten_on: Optional[str] = None
+    export_whiten_docs: int = 8800
 
 
 @dataclass
