@@ -75,6 +75,8 @@ def test_each_term_is_zero_when_prediction_equals_target():
     assert cosine_distance(flat, -flat).item() == pytest.approx(2, abs=1e-6)
     # weights: only the weighted rows count; no weighted row -> 0, not NaN
     assert cosine_distance(flat, -flat, torch.zeros(6)).item() == 0.0
+    empty = torch.zeros(0, 8, requires_grad=True)  # a batch without any cross-view pair
+    assert cosine_distance(empty, empty).item() == 0.0 and cosine_distance(empty, empty).requires_grad
     weights = torch.tensor([1.0, 0, 0, 0, 0, 0])
     mixed = torch.cat([flat[:1], -flat[1:]])
     assert cosine_distance(flat, mixed, weights).item() == pytest.approx(0, abs=1e-6)
@@ -150,6 +152,9 @@ def test_cross_view_target_is_the_partners_pooled_teacher_embedding():
     cut = dict(batch, same_document=torch.tensor([False, False, True, True]))
     expected_cut = cosine_distance(predicted[2:], teacher_pooled[[3, 2]])
     torch.testing.assert_close(model(**cut).loss_terms["cross_view_loss"], expected_cut)
+    # a batch without any same-document pair: the term is 0, not NaN, and training goes on
+    none = model(**dict(batch, same_document=torch.zeros(4, dtype=torch.bool)))
+    assert none.loss_terms["cross_view_loss"].item() == 0.0 and torch.isfinite(none.loss)
 
 
 def test_without_token_terms_the_predictor_is_skipped_and_all_off_is_an_error():

@@ -480,8 +480,11 @@ def per_dimension_std(x):
 
 
 def cosine_distance(predictions, targets, weights=None):
-    """1 - cosine per row of (N, H) float tensors, averaged (weighted by `weights` (N,) when given)."""
+    """1 - cosine per row of (N, H) float tensors, averaged (weighted by `weights` (N,) when given).
+    No rows (e.g. no cross-view pair in a batch) -> 0, still attached to the graph, never NaN."""
     distance = 1.0 - F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (N,)
+    if distance.numel() == 0:
+        return distance.sum()
     if weights is None:
         return distance.mean()
     weights = weights.to(distance.dtype)
