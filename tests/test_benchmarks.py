@@ -37,7 +37,8 @@ def test_compare_pretraining_smoke(tmp_path):
         "--pretrain-data", str(corpus), "--eval-data", str(make_eval_data_dir(tmp_path / "eval")),
         "--out", str(out), "--size", "tiny", "--recipe", str(RECIPES / "quickstart.yaml"), "--minutes", "0.02",
         "--vocab-size", "120", "--calibration-steps", "3", "--skip-minilm",
-        "--set", "data.block_size=32", "--set", "train.batch_size=4", "--set", "log.probe_size=8",
+        "--set", "data.block_size=32", "--set", "mask.num_views=2", "--set", "train.batch_size=4",
+        "--set", "log.probe_size=8",
         "--set", "mask.num_masks=1", "--jobs", "2",
     ])
     report = (out / "results.md").read_text()
@@ -68,6 +69,7 @@ def test_ablations_smoke(tmp_path):
         "--only", "tokens: base", "--only", "+ sentence 1.0", "--only", "halves: + cross-view 3",
         "--max-eval-examples", "20",
         "--set", "data.block_size=32", "--set", "log.probe_size=8", "--set", "mask.num_masks=1",
+        "--set", "mask.num_views=1",
     ])
     report = (out / "ablations.md").read_text()
     assert "| tokens: base |" in report and "| + sentence 1.0 |" in report

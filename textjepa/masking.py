@@ -136,10 +136,11 @@ class MaskingConfig:
                 f"(target_ratio={self.target_ratio}, extra_context_drop={self.extra_context_drop}); both must be >= 1"
             )
         if num_spans * self.min_span_length > num_targets:
+            views = f" (one of the num_views={self.num_views} segments of a block)" if self.num_views > 1 else ""
             raise ValueError(
-                f"sequence length {length} is too short for the spans: {num_targets} target tokens cannot hold "
+                f"sequence length {length}{views} is too short for the spans: {num_targets} target tokens cannot hold "
                 f"num_spans={num_spans} spans of min_span_length={self.min_span_length}; use longer sequences, "
-                "fewer spans or a larger target_ratio"
+                "fewer views or spans, or a larger target_ratio"
             )
         return num_targets, num_dropped, num_context, num_spans
 
