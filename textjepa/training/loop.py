@@ -162,9 +162,10 @@ def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, r
             recipe.save(tmp_dir / "recipe.yaml")
             _write_trainer_state(tmp_dir, state)
     except Exception as err:
+        message = _describe_write_error(err, tmp_dir)  # before freeing the space the torn save took
         if accelerator.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)  # frees the space the torn save took
-        raise CheckpointError(_describe_write_error(err, tmp_dir)) from err
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise CheckpointError(message) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.commit_checkpoint(tmp_dir, final_dir)
