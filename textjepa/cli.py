@@ -44,6 +44,8 @@ def one_line(err: BaseException) -> str:
     key; a library's error keeps its type name so that it can be looked up."""
     text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
     text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(err)
+    if len(text) > 600:  # the name comes first; a library's list of every mismatch does not help
+        text = text[:600] + " ..."
     module = type(err).__module__
     if module == "builtins" or module.startswith("textjepa"):
         return text

@@ -85,6 +85,8 @@ embedding = (states * mask).sum(1) / mask.sum(1)             # mean pooling
 def check_finite(model, where) -> None:
     """Refuse to export NaN/Inf weights (a diverged run), naming the first bad tensor."""
     tensors = list(model.state_dict().items())
+    if hasattr(model, "teacher_state_dict"):  # the EMA teacher lives outside state_dict (JEPA)
+        tensors += [(f"teacher.{k}", v) for k, v in model.teacher_state_dict().items()]
     bad = [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
     if bad:
         raise ExportError(f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN/Inf (first: {bad[0]}); "
@@ -153,7 +155,12 @@ def load_checkpoint_model(checkpoint_dir):
     tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
     model = build_model(recipe, tokenizer)
     weights = load_file(str(checkpoint_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # size mismatches: the first one is enough to name the problem
+        detail = next((line.strip() for line in str(err).split(". ") if "size mismatch" in line), str(err)[:200])
+        raise ExportError(f"{checkpoint_dir}/model.safetensors does not match the recipe's model in "
+                          f"{checkpoint_dir}/recipe.yaml ({detail})") from None
     # safetensors drops tied copies (MLM decoder weight = word embeddings): only those may be missing
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]

@@ -50,8 +50,10 @@ class CheckpointError(RuntimeError):
 
 def _weights_finite(unwrapped) -> bool:
     """True when every parameter (student, predictor, teacher) is finite."""
-    return all(bool(torch.isfinite(p).all()) for p in unwrapped.parameters()) and all(
-        bool(torch.isfinite(b).all()) for b in unwrapped.buffers() if b.is_floating_point())
+    tensors = list(unwrapped.parameters()) + [b for b in unwrapped.buffers() if b.is_floating_point()]
+    if hasattr(unwrapped, "teacher_state_dict"):  # the EMA teacher is not a registered submodule
+        tensors += list(unwrapped.teacher_state_dict().values())
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _describe_write_error(err: Exception, path: Path) -> str:
@@ -261,32 +263,36 @@ def _lock_output_dir(accelerator, output_dir: Path, cleanup) -> None:
         raise RunLocked(problem)
 
 
-def _resume_point(accelerator, model, output_dir: Path, recipe, say) -> tuple[TrainerState | None, Path | None]:
-    """Load the newest checkpoint that verifies and loads; newer broken ones are set aside as
-    checkpoint-<step>-corrupt with a warning. (None, None) when there is none to resume from."""
+def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[TrainerState | None, Path | None]:
+    """Load the newest checkpoint that verifies and loads; newer broken ones are then set aside as
+    checkpoint-<step>-corrupt (kept, never resumed) with a warning. (None, None) when there is no
+    checkpoint; CheckpointError, with nothing moved, when none of them loads."""
     teacher_file = TEACHER_FILE if recipe.objective == "jepa" else None
-    candidates = ckpt.list_checkpoints(output_dir)
-    failures = []
-    for candidate in reversed(candidates):
+    failures = []  # (checkpoint, one line naming the bad file)
+    for candidate in reversed(ckpt.list_checkpoints(output_dir)):
         problems = [ckpt.verify_checkpoint(candidate, teacher_file)]
         if accelerator.num_processes > 1:  # every process must pick the same checkpoint
             from accelerate.utils import gather_object
 
-            problems = [p for p in gather_object(problems)]
+            problems = gather_object(problems)
         problem = next((p for p in problems if p), None)
         if problem is None:
             try:
-                return load_checkpoint(accelerator, model, candidate, recipe), candidate
+                state = load_checkpoint(accelerator, model, candidate, recipe)
             except Exception as err:  # verified, yet a library refused it: name it and go on
                 problem = f"{candidate}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
-        failures.append(problem)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            moved = ckpt.set_aside(candidate, ckpt.CORRUPT_SUFFIX)
-            logger.warning("%s; set aside as %s, falling back to the previous checkpoint", problem, moved.name)
-        accelerator.wait_for_everyone()
+        if problem is None:
+            accelerator.wait_for_everyone()
+            for bad, reason in failures if accelerator.is_main_process else []:
+                moved = ckpt.set_aside(bad, ckpt.CORRUPT_SUFFIX)
+                logger.warning("%s; set aside as %s, falling back to the previous checkpoint %s",
+                               reason, moved.name, candidate.name)
+            accelerator.wait_for_everyone()
+            return state, candidate
+        failures.append((candidate, problem))
     if failures:
-        raise CheckpointError(f"{output_dir}: no loadable checkpoint ({len(failures)} tried): " + "; ".join(failures))
+        raise CheckpointError(f"{output_dir}: no loadable checkpoint; " + "; ".join(r for _, r in failures)
+                              + " (move them away, or start over with --set train.overwrite=true)")
     return None, None
 
 
@@ -354,7 +360,7 @@ def _train(recipe, resume, model, announce, cleanup):
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
 
-    state, latest = _resume_point(accelerator, model, output_dir, recipe, say) if resume else (None, None)
+    state, latest = _resume_point(accelerator, model, output_dir, recipe) if resume else (None, None)
     diverged = [p for p in ckpt.list_diverged(output_dir)
                 if latest is None or int(p.name.split("-")[1]) > int(latest.name.split("-")[1])]
     if latest is not None:
