@@ -140,6 +140,8 @@ def test_nan_stop_keeps_last_finite_checkpoint_and_resume_uses_it(tiny_data, tmp
     message = capsys.readouterr().err.strip()
     assert message.count("\n") == 0 and str(diverged) in message and "NaN/Inf" in message
     assert not (tmp_path / "nan-export").exists()
+    assert cli_main(["export", "--checkpoint", str(out), "--output", str(tmp_path / "finite-export")]) == 0
+    assert "exported the encoder of " + str(out / "checkpoint-00000003") in capsys.readouterr().out
     monkeypatch.undo()
     said = []
     loop.train(recipe, resume=True, announce=said.append)
