@@ -56,8 +56,14 @@ def verify_checkpoint(path: Path, teacher_file: str | None = None) -> str | None
             return f"{state_file}: expected a JSON object with an integer 'step'"
     except (OSError, ValueError) as err:
         return f"{state_file}: unreadable ({err})"
+    # accelerate writes model.safetensors + optimizer.bin (DDP, one process); FSDP writes
+    # pytorch_model_fsdp_* / optimizer_* folders instead, which are only checked for presence
+    if not (path / "model.safetensors").is_file() and not list(path.glob("pytorch_model*")):
+        return f"{path / 'model.safetensors'}: missing"
     for name in ["model.safetensors"] + ([teacher_file] if teacher_file else []):
         file = path / name
+        if name == "model.safetensors" and not file.is_file():
+            continue
         if not file.is_file():
             return f"{file}: missing"
         try:
@@ -65,9 +71,9 @@ def verify_checkpoint(path: Path, teacher_file: str | None = None) -> str | None
                 f.keys()
         except Exception as err:  # SafetensorError: truncated or not a safetensors file
             return f"{file}: corrupt or truncated ({err})"
-    for file in sorted(path.glob("optimizer*.bin")) or [path / "optimizer.bin"]:
-        if not file.is_file():
-            return f"{file}: missing"
+    if not list(path.glob("optimizer*")):
+        return f"{path / 'optimizer.bin'}: missing"
+    for file in sorted(path.glob("optimizer*.bin")):
         try:
             with zipfile.ZipFile(file) as archive:
                 bad = archive.testzip()
