@@ -22,10 +22,23 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_pretraining import SIZES, read_summary, run_concurrently, suite_scores, train_cmd  # noqa: E402
+from compare_pretraining import (  # noqa: E402
+    SIZES,
+    export_random_encoder,
+    read_summary,
+    run,
+    run_concurrently,
+    suite_scores,
+    train_cmd,
+)
 
 TOKENS_ONLY = ["model.sentence_loss_weight=0"]
 FAST_EMA = ["ema.momentum_start=0.99", "ema.momentum_end=0.999"]
+RECIPE = ["model.sentence_loss_weight=3.0"] + FAST_EMA  # the recipes' objective before the concept targets
+VIEWS = ["mask.num_views=2"]  # each 128-token block becomes two 64-token segments
+CROSS_VIEW = VIEWS + ["model.cross_view_loss_weight=3.0"]
+HALVES = ["mask.views=document_halves"]  # each document piece of a block becomes two segments
+HALVES_CROSS = HALVES + ["model.cross_view_loss_weight=3.0"]
 VARIANTS = {  # name -> overrides on top of the base recipe
     # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
     "tokens: base": TOKENS_ONLY,
@@ -47,6 +60,24 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "+ sentence 10.0, EMA 0.99->0.999": ["model.sentence_loss_weight=10.0"] + FAST_EMA,
     # two masks per text: two student views share one teacher pass (a costlier step: same steps, more FLOPs)
     "+ sentence 3.0, EMA 0.99->0.999, 2 masks": ["model.sentence_loss_weight=3.0"] + FAST_EMA + ["mask.num_masks=2"],
+    # concept-level targets (issue 10) on top of the recipe (tokens + sentence 3.0, EMA 0.99->0.999)
+    "concepts: recipe": RECIPE,
+    "concepts: two views": RECIPE + VIEWS,
+    "concepts: + cross-view 3": RECIPE + CROSS_VIEW,
+    "concepts: + cross-view 3, 4 views": RECIPE + ["mask.num_views=4", "model.cross_view_loss_weight=3.0"],
+    "concepts: + cross-view 3, no token loss": RECIPE + CROSS_VIEW + ["model.token_loss_weight=0"],
+    "concepts: + cross-view 3, span 1": RECIPE + CROSS_VIEW + ["model.span_loss_weight=1.0"],
+    "concepts: + cross-view 3, bottleneck 1": RECIPE + CROSS_VIEW + ["model.bottleneck_loss_weight=1.0"],
+    "concepts: + cross-view 3, VICReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
+    "concepts: + cross-view 3, SIGReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
+    # document-aware views: every document piece in a block is cut in two halves, each read on its own
+    "halves: recipe": RECIPE + HALVES,
+    "halves: + cross-view 3": RECIPE + HALVES_CROSS,
+    "halves: + cross-view 3, no token loss": RECIPE + HALVES_CROSS + ["model.token_loss_weight=0"],
+    "halves: + cross-view 3, span 1": RECIPE + HALVES_CROSS + ["model.span_loss_weight=1.0"],
+    "halves: + cross-view 3, bottleneck 1": RECIPE + HALVES_CROSS + ["model.bottleneck_loss_weight=1.0"],
+    "halves: + cross-view 3, VICReg 1": RECIPE + HALVES_CROSS + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
+    "halves: + cross-view 3, SIGReg 1": RECIPE + HALVES_CROSS + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
 }
 
 
@@ -54,39 +85,76 @@ def variant_dir(out, name):
     return out / "".join(c if c.isalnum() else "-" for c in name).strip("-")
 
 
+def evaluate_cmd(args, model_dir, suite_json):
+    """`textjepa evaluate` on the validation splits only (ablations choose; the test split is read once, in
+    compare_pretraining's final table), full corpora, raw and whitened (fitted on the pretraining text)."""
+    cmd = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--quiet",
+           "--model", str(model_dir), "--output", str(suite_json), "--split", "validation",
+           "--whiten-on", args.pretrain_data, "--whiten-max-docs", "8800"]
+    if args.max_eval_examples:
+        cmd += ["--max-examples", str(args.max_eval_examples)]
+    return cmd
+
+
+FLOOR = "floor: random init, same size"
+
+
+def random_init_floor(args, out, reference_export):
+    """The same evaluation of an untrained encoder with the variants' config and tokenizer (the floor)."""
+    floor_dir = out / "random-init"
+    if not (floor_dir / "suite.json").exists():
+        export_random_encoder(reference_export, args.tokenizer, floor_dir / "export")
+        run(evaluate_cmd(args, floor_dir / "export", floor_dir / "suite.json"), floor_dir / "log.txt")
+    return {"overrides": [], "final": {}, "train_seconds": 0.0, **raw_and_whitened(floor_dir / "suite.json")}
+
+
 def variant_command(name, args, out, common):
     """(command, log path) that trains one variant, then evaluates its exported teacher."""
     run_dir = variant_dir(out, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     train = train_cmd(args.recipe, str(run_dir / "run"), common + VARIANTS[name])
-    evaluate = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--quiet",
-                "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json")]
-    if args.max_eval_examples:
-        evaluate += ["--max-examples", str(args.max_eval_examples)]
-    script = " && ".join(shlex.join(cmd) for cmd in (train, evaluate))
+    evaluate = evaluate_cmd(args, run_dir / "run" / "export", run_dir / "suite.json")
+    # a variant that finished training (summary.json) only needs evaluating: rerunning resumes the sweep
+    steps = (evaluate,) if (run_dir / "run" / "summary.json").exists() else (train, evaluate)
+    script = " && ".join(shlex.join(cmd) for cmd in steps)
     return ["bash", "-c", script], run_dir / "log.txt"
 
 
 def collect(name, out):
     run_dir = variant_dir(out, name)
     summary = read_summary(run_dir / "run")
-    suite = json.loads((run_dir / "suite.json").read_text())
-    scores = {label: next(iter(per_model.values())) for label, per_model in suite_scores(suite).items()}
     return {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
-            "scores": scores}
+            **raw_and_whitened(run_dir / "suite.json")}
+
+
+def raw_and_whitened(suite_json):
+    """{"scores": {row: raw value}, "whitened": {row: value}} for the one model of a suite JSON."""
+    scores, whitened = {}, {}
+    for label, per_model in suite_scores(json.loads(Path(suite_json).read_text())).items():
+        for model, value in per_model.items():
+            (whitened if model.endswith("+whitened") else scores)[label] = value
+    return {"scores": scores, "whitened": whitened}
+
+
+WHITENED_ROWS = ("stsb zero-shot", "vitaminc_claims retrieval")  # the rows where geometry matters most
 
 
 def table(results):
-    labels = list(next(iter(results.values()))["scores"])
-    short = [label.replace(" (test)", "") for label in labels]
-    lines = ["| variant | final loss | target std | eff. rank | " + " | ".join(short) + " | average |",
-             "|---|---:|---:|---:|" + "---:|" * (len(labels) + 1)]
+    """Validation rows raw, the two geometry-sensitive rows whitened too, and both averages."""
+    labels = [label for label in next(iter(results.values()))["scores"] if label.endswith(" (validation)")]
+    short = [label.replace(" (validation)", "") for label in labels]
+    white = [label for label in labels if label.startswith(WHITENED_ROWS)]
+    header = (["variant", "loss", "eff. rank"] + short + [f"{label.replace(' (validation)', '')} whitened"
+                                                           for label in white] + ["average", "average whitened"])
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for name, r in results.items():
         f = r["final"]
-        values = [r["scores"].get(label, float("nan")) for label in labels]
-        cells = [f"{v:.1f}" for v in values] + [f"**{sum(values) / len(values):.1f}**"]
-        lines.append(f"| {name} | {f.get('loss', float('nan')):.4f} | {f.get('target_std', float('nan')):.3f} | "
-                     f"{f.get('effective_rank', float('nan')):.0f} | " + " | ".join(cells) + " |")
+        raw = [r["scores"].get(label, float("nan")) for label in labels]
+        whitened = [r["whitened"].get(label, float("nan")) for label in labels]
+        cells = [f"{v:.1f}" for v in raw] + [f"{r['whitened'].get(label, float('nan')):.1f}" for label in white]
+        cells += [f"**{sum(raw) / len(raw):.1f}**", f"**{sum(whitened) / len(whitened):.1f}**"]
+        lines.append(f"| {name} | {f.get('loss', float('nan')):.3f} | {f.get('effective_rank', float('nan')):.0f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -103,7 +171,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
-    parser.add_argument("--max-eval-examples", type=int, default=2000)
+    parser.add_argument("--max-eval-examples", type=int, default=None,
+                        help="cap probe training sets and queries (never the retrieval corpus); smoke runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
     args = parser.parse_args(argv)
 
@@ -131,6 +200,7 @@ def main(argv=None):
                      args.jobs)
 
     results = {name: collect(name, out) for name in names}
+    results[FLOOR] = random_init_floor(args, out, variant_dir(out, names[0]) / "run" / "export")
     report = [f"# Text-JEPA ablations ({args.size}, {args.steps} steps x {args.batch_size} sequences, "
               f"{args.jobs} jobs at 1 thread)", "", table(results), ""]
     report.append(f"total wall time: {time.time() - started:.0f} s")

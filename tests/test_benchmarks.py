@@ -65,11 +65,15 @@ def test_ablations_smoke(tmp_path):
         "--pretrain-data", str(corpus), "--eval-data", str(make_eval_data_dir(tmp_path / "eval")),
         "--tokenizer", str(tokenizer_dir), "--out", str(out), "--size", "tiny", "--steps", "3",
         "--batch-size", "4", "--recipe", str(RECIPES / "quickstart.yaml"),
-        "--only", "tokens: base", "--only", "+ sentence 1.0", "--max-eval-examples", "20",
+        "--only", "tokens: base", "--only", "+ sentence 1.0", "--only", "halves: + cross-view 3",
+        "--max-eval-examples", "20",
         "--set", "data.block_size=32", "--set", "log.probe_size=8", "--set", "mask.num_masks=1",
     ])
     report = (out / "ablations.md").read_text()
     assert "| tokens: base |" in report and "| + sentence 1.0 |" in report
+    assert f"| {ablations.FLOOR} |" in report and "average whitened" in report
     results = json.loads((out / "ablations.json").read_text())
+    assert results["halves: + cross-view 3"]["final"]["cross_view_loss"] > 0
+    assert results[ablations.FLOOR]["whitened"] and results[ablations.FLOOR]["scores"]
     assert results["+ sentence 1.0"]["final"]["sentence_loss"] > 0
     assert "sentence_loss" not in results["tokens: base"]["final"]

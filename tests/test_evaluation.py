@@ -251,7 +251,7 @@ def test_search_matches_full_sort():
 def test_retrieval_equals_brute_force(bert_encoder, data_dir):
     corpus, queries, qrels = load_beir(data_dir / "retrieval" / "toy")
     assert corpus["d0_0"].startswith("sport ")  # title + text joined
-    results = evaluate_retrieval(bert_encoder, corpus, queries, qrels, name="toy")
+    results = evaluate_retrieval(bert_encoder, corpus, queries, {"test": qrels}, name="toy")
     doc_ids, query_ids = list(corpus), list(qrels)
     d = bert_encoder.encode([corpus[i] for i in doc_ids])
     q = bert_encoder.encode([queries[i] for i in query_ids])
@@ -281,19 +281,140 @@ def test_suite_command_prints_table(bert_dir, jepa_dir, data_dir, tmp_path, caps
     from textjepa.cli import main as cli_main
 
     output = tmp_path / "suite.json"
+    unlabeled = tmp_path / "unlabeled.txt"
+    unlabeled.write_text("\n\n".join(" ".join(FILLER[i:] + POSITIVE[:i]) for i in range(12)))
     assert cli_main(["evaluate", "--model", str(bert_dir), "--model", str(jepa_dir), "--data-dir", str(data_dir),
-                     "--output", str(output), "--quiet", "--max-examples", "30"]) == 0
+                     "--output", str(output), "--quiet", "--max-examples", "30", "--baseline", "tfidf",
+                     "--baseline", "bm25", "--split", "both", "--whiten-on", str(unlabeled)]) == 0
     printed = capsys.readouterr().out
     report = json.loads(output.read_text())
     lines = [line for line in printed.splitlines() if line.startswith("|")]
-    assert lines[0] == f"| task / metric | {bert_dir.parent.name}/{bert_dir.name} | {jepa_dir.parent.name}/{jepa_dir.name} |"
+    bert, jepa = f"{bert_dir.parent.name}/{bert_dir.name}", f"{jepa_dir.parent.name}/{jepa_dir.name}"
+    assert lines[0] == (f"| task / metric (split) | {bert} | {bert} +whitened | {jepa} | {jepa} +whitened | TF-IDF | "
+                        "BM25 |")
     labels = [line.split("|")[1].strip() for line in lines[2:]]
-    assert labels == ["sentiment probe accuracy (test)", "similar probe spearman (test)",
-                      "similar zero-shot spearman (test)", "toy retrieval ndcg_at_10 (test)", "**average**", "seconds"]
+    rows = ["sentiment probe accuracy", "similar probe spearman", "similar zero-shot spearman",
+            "toy retrieval ndcg_at_10"]
+    assert labels == ([f"{r} (validation)" for r in rows] + [f"{r} (test)" for r in rows]
+                      + ["**average (validation)**", "**average (test)**", "seconds"])
+    cells = {label: [c.strip() for c in line.split("|")[2:-1]] for label, line in zip(labels, lines[2:])}
+    assert cells["toy retrieval ndcg_at_10 (test)"][5] != "-" and cells["sentiment probe accuracy (test)"][5] == "-"
+    assert cells["**average (test)**"][5] == "-"  # BM25 has no probe rows, so no average
     tasks = report["results"][str(bert_dir)]["tasks"]
     headline = [t["test"][t["metric"]] for t in tasks]
-    assert lines[2 + 4].split("|")[2].strip() == f"**{np.mean(headline):.1f}**"
-    assert report["results"][str(bert_dir)]["tasks"][0]["num_examples"] == {"train": 30, "validation": 24, "test": 24}
+    assert cells["**average (test)**"][0].strip("*").startswith(f"{np.mean(headline):.1f} ±")
+    assert tasks[0]["num_examples"] == {"train": 30, "validation": 24, "test": 24}
+    low, high = tasks[0]["ci"]["test"]
+    assert low <= tasks[0]["test"]["accuracy"] <= high
+    # whitening changes the vectors, so (almost surely) some figure
+    whitened = report["results"][f"{bert_dir} +whitened"]["tasks"]
+    assert [t["test"][t["metric"]] for t in whitened] != headline
+
+
+def test_corpus_is_never_subsampled_without_the_flag(bert_dir, data_dir):
+    from textjepa.evaluation.suite import run_suite
+
+    full = run_suite([], data_dir, max_examples=1, baselines=["bm25"], show_progress=False)
+    result = full["results"]["BM25"]["tasks"][0]
+    assert result["num_documents"] == 16 and result["num_queries"] == {"validation": 1, "test": 1}
+    small = run_suite([], data_dir, max_examples=1, baselines=["bm25"], show_progress=False, subsample_corpus_size=6)
+    result = small["results"]["BM25"]["tasks"][0]
+    assert result["num_documents"] == 6  # 2 queries x 2 judged docs + 2 others
+    assert "toy (corpus subsampled to 6 docs) retrieval ndcg_at_10 (test)" in small["table"]
+
+
+# ---------------------------------------------------------------- lexical baselines, metrics libraries, intervals
+def _write_pair_task(root):
+    """Sentence 2 keeps the first k of sentence 1's 8 words (gold score k): every word and bigram is equally
+    frequent in train, so TF-IDF cosine grows with k and Spearman is exactly 100."""
+    words = [f"w{i}" for i in range(16)]
+    root.mkdir()
+    for split in ("train", "validation", "test"):
+        rows = [{"sentence1": " ".join(words[:8]), "sentence2": " ".join(words[:k] + words[8 + k:]), "label": float(k)}
+                for k in range(9)]
+        write_jsonl(root / f"{split}.jsonl", rows * (3 if split == "train" else 1))
+    (root / "task.json").write_text(json.dumps({"kind": "sentence_pair", "keys": ["sentence1", "sentence2"],
+                                                "num_labels": 1, "metric": "spearman"}))
+    return root
+
+
+def test_lexical_baselines_known_answers(data_dir, tmp_path):
+    from textjepa.evaluation import baselines
+
+    # sentiment words never cross classes: TF-IDF + the probe is perfect
+    probe = baselines.tfidf_probe(load_task_dir(data_dir / "eval" / "sentiment"))
+    assert probe["test"]["accuracy"] == 100.0 and probe["validation"]["accuracy"] == 100.0
+    # TF-IDF cosine grows with the number of shared words: Spearman 100
+    sts = baselines.tfidf_sts(load_task_dir(_write_pair_task(tmp_path / "pairs")), "test")
+    assert sts["test"]["spearman"] == pytest.approx(100.0)
+    # each query is its document's two unique words: BM25 and TF-IDF put it first
+    corpus = {f"d{i}": f"u{i} v{i} common text" for i in range(10)}
+    queries = {f"q{i}": f"u{i} v{i}" for i in range(10)}
+    qrels = {"test": {f"q{i}": {f"d{i}": 1} for i in range(10)}}
+    for rank in (baselines.bm25_retrieval, baselines.tfidf_retrieval):
+        result = rank(corpus, queries, qrels, name="unique")
+        assert result["test"]["recall_at_1"] == 100.0 and result["test"]["ndcg_at_10"] == 100.0, rank.__name__
+
+
+def test_retrieval_metrics_equal_python_formulas():
+    """retrieval_metrics runs pytrec_eval; the per-query Python formulas must agree on a fixed run."""
+    rng = np.random.default_rng(1)
+    docs = [f"d{i}" for i in range(30)]
+    qrels = {f"q{q}": {d: int(rng.integers(0, 3)) for d in rng.choice(docs, 4, replace=False)} for q in range(12)}
+    rankings = {q: list(rng.permutation(docs)[:20]) for q in qrels if q != "q3"}  # q3 unranked: scores 0
+    got = metrics.retrieval_metrics(rankings, qrels, recall_ks=(1, 5, 10))
+    for name, fn, k in (("ndcg_at_10", metrics.ndcg_at_k, 10), ("recall_at_1", metrics.recall_at_k, 1),
+                        ("recall_at_5", metrics.recall_at_k, 5), ("recall_at_10", metrics.recall_at_k, 10),
+                        ("mrr_at_10", metrics.mrr_at_k, 10)):
+        expected = np.mean([fn(rankings.get(q, []), rel, k) for q, rel in qrels.items()])
+        assert got[name] == pytest.approx(expected, abs=1e-9), name
+
+
+def test_bootstrap_known_answers():
+    # a perfect classifier has no spread; accuracy 0.5 over n examples: normal-approximation interval
+    labels = np.arange(400) % 2
+    assert metrics.interval(metrics.bootstrap_replicates("accuracy", labels, labels)) == [100.0, 100.0]
+    predictions = np.where(np.arange(400) < 200, labels, 1 - labels)  # half right
+    low, high = metrics.interval(metrics.bootstrap_replicates("accuracy", labels, predictions))
+    half_width = 100 * 1.96 * math.sqrt(0.25 / 400)  # 4.9 points
+    assert low == pytest.approx(50 - half_width, abs=1.0) and high == pytest.approx(50 + half_width, abs=1.0)
+    # vectorised Spearman equals scipy on the same resamples; same n -> same resamples (paired)
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 5, 50).astype(float), rng.normal(size=50)
+    replicates = metrics.bootstrap_replicates("spearman", gold, pred, resamples=20)
+    index = metrics.bootstrap_indices(50, resamples=20)
+    assert replicates[:3] == pytest.approx([100 * spearmanr(gold[i], pred[i]).statistic for i in index[:3]])
+    np.testing.assert_array_equal(index, metrics.bootstrap_indices(50, resamples=20))
+    means = metrics.bootstrap_replicates("mean", np.ones(30), None)
+    assert np.all(means == 100.0)
+
+
+def test_whitening_fit_and_shipped_file(bert_dir, bert_encoder, tmp_path):
+    import shutil
+
+    from textjepa.evaluation.whitening import apply_whitening, fit_whitening, save_whitening
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2000, 4)) @ np.array([[3, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0.1, 0], [0, 0, 0, 2.0]]) + 5
+    mean, matrix = fit_whitening(x, eps=1e-9)
+    white = apply_whitening(x, mean, matrix)
+    np.testing.assert_allclose(white.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose(np.cov(white, rowvar=False), np.eye(4), atol=1e-3)
+    # a directory with whitening.safetensors is evaluated as shipped: (x - mean) @ matrix, then L2
+    shipped = tmp_path / "shipped"
+    shutil.copytree(bert_dir, shipped)
+    texts = ["good film", "the plot was dull", "a superb story"]
+    raw = bert_encoder.encode(texts, normalize=False)
+    mean, matrix = rng.normal(size=32).astype(np.float32), rng.normal(size=(32, 32)).astype(np.float32)
+    save_whitening(shipped, mean, matrix)
+    expected = (raw - mean) @ matrix
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(SentenceEncoder(shipped).encode(texts), expected, atol=1e-4)
+    save_whitening(shipped, mean[:8], matrix[:8, :8])
+    with pytest.raises(ValueError, match=r"shipped/whitening\.safetensors: mean has 8 dimensions, the model gives 32"):
+        SentenceEncoder(shipped)
 
 
 # ---------------------------------------------------------------- bad input
@@ -339,6 +460,62 @@ def test_bad_inputs_name_the_file_and_problem(data_dir, tmp_path, tokenizer_dir)
         SentenceEncoder(no_weights)
 
 
+def test_more_bad_inputs_get_named_errors(data_dir, bert_dir, tmp_path):
+    import shutil
+
+    from textjepa.evaluation.suite import discover
+
+    # a duplicate corpus _id would silently replace the earlier document
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    write_jsonl(beir / "corpus.jsonl", [{"_id": "d1", "text": "x"}, {"_id": "d2", "text": "y"}, {"_id": "d1", "text": "z"}])
+    write_jsonl(beir / "queries.jsonl", [{"_id": "q1", "text": "x"}])
+    (beir / "qrels" / "test.tsv").write_text("q1\td1\t1\n")
+    with pytest.raises(ValueError, match=r"corpus\.jsonl: duplicate _id 'd1' \(rows 1 and 3\)"):
+        load_beir(beir)
+    # a folder with data files but no task.json is an error, not a silent skip
+    root = tmp_path / "root"
+    shutil.copytree(data_dir, root)
+    (root / "eval" / "sentiment" / "task.json").unlink()
+    with pytest.raises(ValueError, match=r"sentiment: holds data files \(test\.jsonl, train\.jsonl, validation\.jsonl\) "
+                                         r"but no task\.json"):
+        discover(root)
+    # unknown keys in task.json (a typo like metrc) are errors
+    task = root / "eval" / "similar"
+    (task / "task.json").write_text(json.dumps({"keys": ["sentence1", "sentence2"], "num_labels": 1, "metrc": "x"}))
+    with pytest.raises(ValueError, match=r"similar/task\.json: unknown key\(s\) \['metrc'\]"):
+        load_task_dir(task)
+    # a test label that train never shows: a warning naming it
+    sentiment = data_dir / "eval" / "sentiment"
+    task = tmp_path / "unseen"
+    task.mkdir()
+    (task / "task.json").write_text(json.dumps({"keys": ["sentence", None], "num_labels": 3,
+                                                "label_names": ["neg", "pos", "mixed"]}))
+    for split in ("train", "validation"):
+        shutil.copy(sentiment / f"{split}.jsonl", task / f"{split}.jsonl")
+    write_jsonl(task / "test.jsonl", [{"sentence": "good bad", "label": 2}, {"sentence": "good", "label": 1}])
+    with pytest.warns(UserWarning, match=r"test\.jsonl: label\(s\) \['mixed'\] never appear in the train split"):
+        load_task_dir(task)
+    # non-finite embeddings name the model
+    nan_model = tmp_path / "nan_model"
+    shutil.copytree(bert_dir, nan_model)
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(nan_model)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.fill_(float("nan"))
+    model.save_pretrained(nan_model)
+    with pytest.raises(ValueError, match=r"nan_model: .*non-finite embeddings \(NaN/inf\) for 1 of 1 texts"):
+        SentenceEncoder(nan_model)
+    # a truncated weights file: the error names the directory (not a bare SafetensorError)
+    broken = tmp_path / "broken"
+    shutil.copytree(bert_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"broken: AutoModel\.from_pretrained could not load an encoder"):
+        SentenceEncoder(broken)
+
+
 def test_sentence_transformers_round_trip(bert_dir, jepa_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -362,9 +539,43 @@ def test_encode_long_text_with_roberta_position_offset(tokenizer_dir, tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.model_max_length = 10**30  # "unset", as many tokenizers ship
-    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    config = RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64, max_position_embeddings=18, pad_token_id=tokenizer.pad_token_id)
     RobertaModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     vectors = SentenceEncoder(tmp_path).encode([" ".join(FILLER * 4), "a short one"])
     assert vectors.shape == (2, 32) and np.isfinite(vectors).all()
+
+
+def test_ship_whitening_from_the_cli_is_applied_as_shipped(tmp_path):
+    """`textjepa whiten` fits on unlabeled text and SentenceEncoder then returns whitened vectors."""
+    import numpy as np
+
+    from textjepa import TextJepaConfig, TextJepaModel
+    from textjepa.cli import main as cli
+    from textjepa.evaluation import SentenceEncoder
+    from textjepa.evaluation.whitening import WHITENING_FILE, read_unlabeled_texts
+    from textjepa.training.batches import SHIPPED_TOKENIZER
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "encoder"
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_TOKENIZER))
+    torch.manual_seed(0)
+    TextJepaModel(TextJepaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=64)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "unlabeled.txt"
+    words = ["sea", "ship", "whale", "storm", "harbour", "captain", "rope", "sail", "wind", "night"]
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n\n".join(" ".join(rng.choice(words, 12)) for _ in range(300)) + "\n")
+    raw = SentenceEncoder(str(model_dir)).encode(read_unlabeled_texts(str(corpus), 300), normalize=False)
+    assert cli(["whiten", "--model", str(model_dir), "--on", str(corpus), "--max-docs", "300"]) == 0
+    assert (model_dir / WHITENING_FILE).is_file()
+    shipped = SentenceEncoder(str(model_dir)).encode(read_unlabeled_texts(str(corpus), 300), normalize=False)
+    covariance = np.cov(shipped, rowvar=False)
+    raw_covariance = np.cov(raw, rowvar=False)
+    # whitened on the texts it was fitted on: mean ~0 and the covariance's top eigenvalues pulled to ~1
+    assert np.abs(shipped.mean(axis=0)).max() < 1e-3
+    assert np.linalg.eigvalsh(covariance).max() < 1.5
+    raw_eigenvalues = np.linalg.eigvalsh(raw_covariance)
+    assert raw_eigenvalues.max() > 3 * np.median(raw_eigenvalues)  # the raw vectors were not white to begin with

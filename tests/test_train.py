@@ -94,7 +94,8 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     out = tmp_path / "run"
     recipe = tiny_recipe(tiny_data, out, **{"train.max_steps": 60, "optim.lr": 1e-2, "train.export": True,
                                             "log.plot": True, "log.trackers": ["jsonl", "tensorboard"],
-                                            "log.every": 2})
+                                            "log.every": 2, "train.export_whiten_on": tiny_data["corpus"],
+                                            "train.export_whiten_docs": 100})
     summary = loop.train(recipe, announce=quiet)
     records = read_jsonl(out / loop.METRICS_FILE)
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
@@ -123,17 +124,32 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     card = (out / "export" / "README.md").read_text()
     assert "15,360 tokens seen" in card and "effective_rank" in card and "objective: jepa" in card
     assert (out / "export" / "tokenizer.json").is_file()
+    # whitening fitted on the corpus ships inside the export, and SentenceEncoder applies it
+    from textjepa.evaluation import SentenceEncoder
+
+    assert summary["whitening"] == str(out / "export" / "whitening.safetensors")
+    assert len(SentenceEncoder(str(out / "export")).whitening) == 1
 
 
-def test_resume_is_exact(tiny_data, tmp_path):
-    full = tiny_recipe(tiny_data, tmp_path / "full", **{"train.save_every": 4})
+CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,
+            "model.pooled_reg": "sigreg", "model.pooled_reg_weight": 0.1}
+
+
+DOCUMENT_HALVES = {"mask.views": "document_halves", "model.cross_view_loss_weight": 1.0,
+                   "model.bottleneck_loss_weight": 1.0, "model.pooled_reg": "vicreg", "model.pooled_reg_weight": 0.1}
+
+
+@pytest.mark.parametrize("objective", [{}, CONCEPTS, DOCUMENT_HALVES],
+                         ids=["tokens+sentence", "concepts", "document-halves"])
+def test_resume_is_exact(tiny_data, tmp_path, objective):
+    full = tiny_recipe(tiny_data, tmp_path / "full", **{"train.save_every": 4}, **objective)
     loop.train(full, announce=quiet)
-    part = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4, "train.stop_after": 6})
+    part = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4, "train.stop_after": 6}, **objective)
     summary = loop.train(part, announce=quiet)
     assert summary["steps"] == 6 and "stop_after" in summary["end_reason"]
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "part")] == ["checkpoint-00000004",
                                                                           "checkpoint-00000006"]
-    rest = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4})
+    rest = tiny_recipe(tiny_data, tmp_path / "part", **{"train.save_every": 4}, **objective)
     loop.train(rest, resume=True, announce=quiet)
     full_losses, resumed_losses = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert sorted(resumed_losses) == list(range(1, 13))  # the log was continued, not duplicated

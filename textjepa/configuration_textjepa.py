@@ -54,6 +54,24 @@ class TextJepaConfig(PreTrainedConfig):
             mean-pooled embedding of the whole text, scored by cosine distance. The token targets
             alone teach token-level features; this term shapes the pooled vector that search and
             zero-shot similarity use.
+        token_loss_weight: weight of the token-level regression above (1.0; 0 skips the predictor's
+            token outputs when nothing else reads them).
+        span_loss_weight: weight of span concepts (0 = off): per hidden span, the mean of the
+            predictor's token outputs estimates the teacher's mean target over that span (the idea of
+            the hidden part, not its tokens), scored by cosine distance.
+        cross_view_loss_weight: weight of the cross-view target (0 = off; needs the collator's two views
+            per block, mask.num_views=2): a second MLP (view_predictor) maps the student's pooled visible
+            context of one segment to the teacher's mean-pooled embedding of the *other* segment of the
+            same document (rows 2i and 2i+1 are partners; pairs that straddle a document boundary are
+            skipped). No negatives: the EMA teacher is the only target.
+        bottleneck_loss_weight: weight of a latent bottleneck (0 = off; a latent-space RetroMAE): a second,
+            one-layer predictor (bottleneck_predictor) sees only the student's pooled visible context (one
+            vector, at position 0) plus mask tokens at the target positions, and regresses the teacher's
+            target states there with the token loss: the pooled vector itself must carry the content.
+        pooled_reg, pooled_reg_weight: a guard on the geometry of the student's pooled context vectors
+            (B*K, H): "vicreg" (hinge on each dimension's std up to 1 + squared off-diagonal covariance)
+            or "sigreg" (LeJEPA: Epps-Pulley normality test on sigreg_num_slices random 1-D projections,
+            pushing the batch towards an isotropic Gaussian); "none" (default) or weight 0 = off.
     EMA teacher:
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant").
     Downstream heads:
@@ -92,6 +110,13 @@ class TextJepaConfig(PreTrainedConfig):
     smooth_l1_beta: float = 1.0
     variance_reg_weight: float = 0.0
     sentence_loss_weight: float = 1.0
+    token_loss_weight: float = 1.0
+    span_loss_weight: float = 0.0
+    cross_view_loss_weight: float = 0.0
+    bottleneck_loss_weight: float = 0.0
+    pooled_reg: Literal["none", "vicreg", "sigreg"] = "none"
+    pooled_reg_weight: float = 0.0
+    sigreg_num_slices: int = 256
     # EMA teacher
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0
@@ -136,6 +161,12 @@ class TextJepaConfig(PreTrainedConfig):
                 f"TextJepaConfig: target_num_layers must be in [1, num_hidden_layers={self.num_hidden_layers}], "
                 f"got {self.target_num_layers}"
             )
+        for name in ("token_loss_weight", "span_loss_weight", "cross_view_loss_weight", "sentence_loss_weight",
+                     "bottleneck_loss_weight", "pooled_reg_weight", "variance_reg_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TextJepaConfig: {name} must be >= 0, got {getattr(self, name)}")
+        if self.sigreg_num_slices < 1:
+            raise ValueError(f"TextJepaConfig: sigreg_num_slices must be >= 1, got {self.sigreg_num_slices}")
         if not 0.0 <= self.ema_momentum_start <= 1.0 or not 0.0 <= self.ema_momentum_end <= 1.0:
             raise ValueError("TextJepaConfig: ema_momentum_start and ema_momentum_end must lie in [0, 1]")
 

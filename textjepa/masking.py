@@ -25,6 +25,22 @@ How a row is sampled (vectorised over rows with numpy, no per-sample Python loop
      so it may contain target positions.
   6. Sorted indices come from np.nonzero on the boolean (B*K, L) masks (row-major, so ascending).
 
+Views (num_views=V, an even number, for the cross-view target): each block of L tokens is cut into V
+segments of L/V tokens, which become rows of their own (row b*V + v = segment v of block b; each
+segment keeps positions 0..L/V-1, like a text read on its own), and each row is masked as above.
+Neighbouring segments 2j and 2j+1 are partners. The batch then carries same_document (B*V,) bool: True
+when no separator_token_id (the packer's document separator) lies strictly inside the pair's 2L/V
+tokens, i.e. both segments come from one document and may serve as each other's cross-view target.
+
+Document halves (views="document_halves", the cross-view target on packed data): a packed block holds
+several documents joined by separator_token_id (a separator belongs to the document it ends). Every
+document piece in the block is cut at its middle into two segments, and the batch carries
+segment_ids (B, L) long: 2d for the first half of the block's d-th document piece, 2d+1 for its second
+half; and position_ids (B, L) long, counting from 0 at the start of each segment (each segment is read
+like a text on its own, as the encoder will read sentences later). The model lets a token attend only within its segment (student, teacher and predictor), pools
+each segment on its own, and pairs segment 2d with 2d+1 for the cross-view target. Masks are sampled
+over the block as usual. Unlike num_views, every document contributes pairs, however short.
+
 Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
 reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
 masks and runs are reproducible whenever torch is seeded (worker seeds derive from torch's RNG).
@@ -51,9 +67,21 @@ class MaskingConfig:
     extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
     allow_overlap: bool = False  # True: context sampled independently of targets, may include them
     special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
+    num_views: int = 1  # 2, 4, ...: cut each block into that many segments (rows) for the cross-view target
+    separator_token_id: int | None = None  # the packer's document separator (cross-view pairs check it)
+    views: str = "none"  # "document_halves": segment_ids per half document piece (see the module doc)
 
     def __post_init__(self):
         self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))
+        if self.views not in ("none", "document_halves"):
+            raise ValueError(f"masking.views must be 'none' or 'document_halves', got {self.views!r}")
+        if self.views != "none" and self.num_views > 1:
+            raise ValueError("masking.views and masking.num_views > 1 are two ways to make views; use one")
+        if self.views != "none" and self.separator_token_id is None:
+            raise ValueError("masking.views='document_halves' needs separator_token_id (the packer's separator)")
+        if not isinstance(self.num_views, int) or self.num_views < 1 or (self.num_views > 1 and self.num_views % 2):
+            raise ValueError(f"masking.num_views must be 1 or an even int (segments in partner pairs), "
+                             f"got {self.num_views!r}")
         if not isinstance(self.num_masks, int) or self.num_masks < 1:
             raise ValueError(f"masking.num_masks must be an int >= 1, got {self.num_masks!r}")
         if not 0.0 < self.target_ratio < 1.0:
@@ -257,10 +285,57 @@ class SpanMaskCollator:
             input_ids = torch.stack(rows).long()
         else:
             input_ids = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        extra = {}
+        if self.config.num_views > 1:
+            input_ids, extra["same_document"] = split_views(input_ids, self.config.separator_token_id,
+                                                            self.config.num_views)
+        elif self.config.views == "document_halves":
+            segments, positions = document_half_segments(input_ids.numpy(), self.config.separator_token_id)
+            extra.update(segment_ids=torch.from_numpy(segments), position_ids=torch.from_numpy(positions))
         context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
                                                input_ids.shape[1], input_ids.numpy())
         return {
             "input_ids": input_ids,
             "context_idx": torch.from_numpy(context_idx),
             "target_idx": torch.from_numpy(target_idx),
+            **extra,
         }
+
+
+def split_views(input_ids, separator_token_id, num_views=2):
+    """(B, L) blocks -> ((B*V, L/V) segments, same_document (B*V,) bool); see the module doc.
+
+    Segment v of block b is row b*V + v; neighbouring rows 2j and 2j+1 are partners, and a pair is from
+    one document when no separator lies strictly inside the 2L/V tokens the two segments span."""
+    batch, length = input_ids.shape
+    if num_views % 2 or length % num_views:
+        raise ValueError(f"masking.num_views={num_views} must be even and divide the block length {length}")
+    segments = input_ids.reshape(batch * num_views, length // num_views)
+    pairs = input_ids.reshape(batch * num_views // 2, 2 * length // num_views)  # one row per partner pair
+    if separator_token_id is None:
+        same = torch.ones(pairs.shape[0], dtype=torch.bool)
+    else:  # a separator at a pair's very first or last position does not split the two segments' text
+        same = ~(pairs[:, 1:-1] == separator_token_id).any(dim=1)
+    return segments, same.repeat_interleave(2)
+
+
+def document_half_segments(input_ids, separator_token_id):
+    """(B, L) int ids -> (segment_ids, position_ids), both (B, L) int64: segment 2d / 2d+1 is the first /
+    second half of the d-th document piece of each row (a separator belongs to the piece it ends), and
+    each token's position counts from the start of its segment; see the module doc."""
+    rows, length = input_ids.shape
+    is_separator = input_ids == separator_token_id
+    document = np.cumsum(is_separator, axis=1) - is_separator  # separators strictly before each position
+    starts = np.ones_like(is_separator)
+    starts[:, 1:] = is_separator[:, :-1]  # a piece starts at 0 and after every separator
+    positions = np.broadcast_to(np.arange(length), (rows, length))
+    start = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+    rank = positions - start  # position within the piece
+    flat = document + np.arange(rows)[:, None] * length  # a unique id per (row, piece)
+    piece_length = np.bincount(flat.ravel(), minlength=rows * length)[flat]
+    second_half = 2 * rank >= piece_length
+    segments = (2 * document + second_half).astype(np.int64)
+    changes = np.ones_like(is_separator)
+    changes[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    segment_start = np.maximum.accumulate(np.where(changes, positions, 0), axis=1)
+    return segments, (positions - segment_start).astype(np.int64)

@@ -137,10 +137,14 @@ class TextJepaAttention(nn.Module):
         self.dropout_prob = config.attention_probs_dropout_prob
 
     def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None):
-        # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) True = may be attended, or None.
+        # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) or (B, 1, T, T), True = may be attended,
+        # or None.
         # query_index (see select_tokens): when only some tokens' outputs are needed, only they ask
         # queries (B, Tq, D) -> output (B, Tq, D); keys and values still come from all T tokens.
+        # A (B, 1, T, T) mask (tokens attend within their segment only) loses the rows of absent queries.
         batch, length, width = hidden_states.shape
+        if query_index is not None and attention_mask is not None and attention_mask.shape[2] > 1:
+            attention_mask = select_tokens(attention_mask, query_index, dim=2)  # (B, 1, Tq, T)
         if query_index is None:
             qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim)
             query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, T, head_dim)
@@ -208,6 +212,18 @@ def padding_mask_to_attention_mask(attention_mask):
     if attention_mask is None or bool(attention_mask.all()):
         return None  # the fast path: no mask lets SDPA pick its best kernel
     return attention_mask.bool()[:, None, None, :]
+
+
+def build_attention_mask(attention_mask=None, segment_ids=None):
+    """Padding mask (B, T) and/or segment ids (B, T) -> bool mask for attention, or None.
+
+    With segment_ids, token i may attend to token j only when both carry the same segment id (packed
+    documents, or their halves, read as separate texts): (B, 1, T, T). Else (B, 1, 1, T) or None."""
+    mask = padding_mask_to_attention_mask(attention_mask)
+    if segment_ids is None:
+        return mask
+    same_segment = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]  # (B, 1, T, T)
+    return same_segment if mask is None else same_segment & mask
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,8 +334,10 @@ class TextJepaModel(TextJepaPreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         query_index=None,
+        segment_ids=None,
         **kwargs,
     ):
+        # segment_ids: optional (B, T) ids; a token then attends only to tokens of its own segment.
         # query_index: optional (B, Tq) positions (or a slice) whose final states are all the caller
         # needs; the last layer then computes only those tokens, last_hidden_state (and
         # hidden_states[-1]) is (B, Tq, H) while the earlier hidden_states keep all T tokens.
@@ -335,7 +353,7 @@ class TextJepaModel(TextJepaPreTrainedModel):
                 f"position_ids reach {int(position_ids.max())} but max_position_embeddings is "
                 f"{self.config.max_position_embeddings}"
             )
-        mask = padding_mask_to_attention_mask(attention_mask)
+        mask = build_attention_mask(attention_mask, segment_ids)
         rotary = self.rotary(position_ids) if self.rotary is not None else None
 
         hidden_states = self.embeddings(input_ids, position_ids)  # (B, T, H)
@@ -390,8 +408,11 @@ class TextJepaPredictor(nn.Module):
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.output_projection = nn.Linear(width, config.hidden_size)
 
-    def forward(self, context_states, context_idx, target_idx, context_attention_mask=None):
+    def forward(self, context_states, context_idx, target_idx, context_attention_mask=None,
+                context_segments=None, target_segments=None):
         # context_states (N, Nc, H); context_idx (N, Nc); target_idx (N, Nt) -> predictions (N, Nt, H)
+        # context_segments (N, Nc), target_segments (N, Nt): optional segment ids; a mask token then sees
+        # only the context (and mask tokens) of its own segment
         num_context = context_idx.shape[1]
         context = self.input_projection(context_states)  # (N, Nc, Hp)
         targets = self.mask_token.to(context.dtype).expand(target_idx.shape[0], target_idx.shape[1], -1)
@@ -402,10 +423,13 @@ class TextJepaPredictor(nn.Module):
             hidden_states = hidden_states + self.position_embeddings(positions)
         else:
             rotary = self.rotary(positions)
-        mask = None
+        keep = None
         if context_attention_mask is not None:
             keep = torch.cat([context_attention_mask, torch.ones_like(target_idx)], dim=1)
-            mask = padding_mask_to_attention_mask(keep)
+        segments = None
+        if context_segments is not None:
+            segments = torch.cat([context_segments, target_segments], dim=1)  # (N, Nc + Nt)
+        mask = build_attention_mask(keep, segments)
         # only the mask tokens' outputs are read: the last layer computes them alone (the context
         # tokens still serve as its keys and values), saving ~Nc/(Nc+Nt) of that layer's work
         targets_only = slice(num_context, None)
@@ -427,7 +451,9 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     """loss (scalar); predictions and targets (B*K, Nt, H); target_std and prediction_std: the mean
     over dimensions of the per-dimension standard deviation across target tokens (detached). A value
     near 0 means every token maps to the same vector: collapse. token_loss and sentence_loss: the
-    two terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0)."""
+    two main terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0).
+    loss_terms: every term the config turns on, unweighted and detached, by name (token_loss,
+    sentence_loss, span_loss, cross_view_loss, bottleneck_loss, pooled_reg): what the trainer logs."""
 
     loss: torch.Tensor | None = None
     predictions: torch.Tensor | None = None
@@ -436,6 +462,7 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     prediction_std: torch.Tensor | None = None
     token_loss: torch.Tensor | None = None
     sentence_loss: torch.Tensor | None = None
+    loss_terms: dict | None = None
 
 
 def normalize_targets(hidden_states, kind):
@@ -450,6 +477,89 @@ def normalize_targets(hidden_states, kind):
 def per_dimension_std(x):
     """(..., H) -> scalar: std of each dimension across all leading positions, averaged over H."""
     return x.detach().float().reshape(-1, x.shape[-1]).std(dim=0).mean()
+
+
+def cosine_distance(predictions, targets, weights=None):
+    """1 - cosine per row of (N, H) float tensors, averaged (weighted by `weights` (N,) when given).
+    No rows (e.g. no cross-view pair in a batch) -> 0, still attached to the graph, never NaN."""
+    distance = 1.0 - F.cosine_similarity(predictions.float(), targets.float(), dim=-1)  # (N,)
+    if distance.numel() == 0:
+        return distance.sum()
+    if weights is None:
+        return distance.mean()
+    weights = weights.to(distance.dtype)
+    return (distance * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def span_means(values, target_idx):
+    """Mean of `values` (N, Nt, H) over each hidden span -> (S, H) for the S spans of all rows.
+
+    target_idx (N, Nt) is sorted per row, so a span is a run of consecutive positions: a new span
+    starts wherever the position jumps by more than one (a span that wrapped round the end of the
+    sequence counts as two; spans that touch count as one)."""
+    rows, num_target, width = values.shape
+    starts = torch.ones_like(target_idx, dtype=torch.bool)
+    starts[:, 1:] = target_idx[:, 1:] - target_idx[:, :-1] > 1
+    span_id = starts.long().cumsum(dim=1) - 1  # (N, Nt), 0-based within each row
+    flat_id = (span_id + torch.arange(rows, device=values.device)[:, None] * num_target).reshape(-1)
+    sums = values.new_zeros(rows * num_target, width).index_add_(0, flat_id, values.reshape(-1, width))
+    counts = torch.zeros(rows * num_target, device=values.device, dtype=values.dtype)
+    counts.index_add_(0, flat_id, torch.ones_like(flat_id, dtype=values.dtype))
+    used = counts > 0
+    return sums[used] / counts[used, None]
+
+
+def segment_means(states, segment_ids, attention_mask=None, num_segments=None):
+    """Mean of states (N, T, H) over the tokens of each segment -> ((N, S, H) means, (N, S) token counts).
+
+    segment_ids (N, T) long; padding (attention_mask 0) is left out; S = num_segments, or
+    segment_ids.max() + 1. A segment without tokens gets a zero vector and count 0."""
+    rows, length, width = states.shape
+    if num_segments is None:
+        num_segments = int(segment_ids.max()) + 1
+    weights = torch.ones(rows, length, device=states.device, dtype=states.dtype)
+    if attention_mask is not None:
+        weights = attention_mask.to(states.dtype)
+    flat_id = (segment_ids + torch.arange(rows, device=states.device)[:, None] * num_segments).reshape(-1)
+    sums = states.new_zeros(rows * num_segments, width)
+    sums.index_add_(0, flat_id, (states * weights[..., None]).reshape(-1, width))
+    counts = states.new_zeros(rows * num_segments).index_add_(0, flat_id, weights.reshape(-1))
+    means = sums / counts.clamp(min=1.0)[:, None]
+    return means.view(rows, num_segments, width), counts.view(rows, num_segments)
+
+
+def vicreg_regularizer(embeddings):
+    """VICReg's variance + covariance terms on a batch (N, H): a hinge pushing each dimension's std up
+    to 1, plus the squared off-diagonal covariance / H (decorrelated dimensions). Bardes et al. 2022."""
+    x = embeddings.float()
+    x = x - x.mean(dim=0)
+    std = torch.sqrt(x.var(dim=0) + 1e-4)
+    variance = F.relu(1.0 - std).mean()
+    cov = (x.T @ x) / max(x.shape[0] - 1, 1)  # (H, H)
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    return variance + off_diagonal.pow(2).sum() / x.shape[1]
+
+
+def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, generator=None):
+    """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far a batch (N, H) is from an isotropic Gaussian.
+
+    The batch is projected on num_slices random unit directions; each 1-D projection x (N,) gets the
+    Epps-Pulley statistic  integral over t of |mean_n exp(i t x_n) - exp(-t^2/2)|^2 exp(-t^2/2) dt
+    (the empirical characteristic function against N(0, 1)'s), integrated by the trapezoid rule on
+    [0, t_max] (the integrand is even in t). Returns the mean over slices. It is not multiplied by N,
+    so a weight does not depend on the batch size: ~1/N for Gaussian samples, O(1) for collapsed ones.
+    """
+    x = embeddings.float()
+    directions = torch.randn(x.shape[1], num_slices, device=x.device, generator=generator)
+    directions = directions / directions.norm(dim=0, keepdim=True)
+    projected = x @ directions  # (N, slices)
+    t = torch.linspace(0.0, t_max, num_points, device=x.device)
+    gaussian_cf = torch.exp(-0.5 * t**2)  # (P,)
+    weights = torch.full((num_points,), 2 * t_max / (num_points - 1), device=x.device)
+    weights[[0, -1]] /= 2
+    angles = projected.unsqueeze(-1) * t  # (N, slices, P)
+    error = (angles.cos().mean(dim=0) - gaussian_cf) ** 2 + angles.sin().mean(dim=0) ** 2  # (slices, P)
+    return (error @ (weights * gaussian_cf)).mean()
 
 
 class TextJepaForPreTraining(TextJepaPreTrainedModel):
@@ -472,6 +582,21 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             )
         else:
             self.sentence_predictor = None
+        if config.cross_view_loss_weight > 0:
+            # pooled student context of one segment (N, H) -> teacher's pooled embedding of its partner
+            width = config.predictor_intermediate_size
+            self.view_predictor = nn.Sequential(
+                nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size)
+            )
+        else:
+            self.view_predictor = None
+        if config.bottleneck_loss_weight > 0:
+            # one pooled vector + mask tokens -> the teacher's states at the targets (a one-layer decoder)
+            bottleneck_config = copy.copy(config)
+            bottleneck_config.predictor_num_hidden_layers = 1
+            self.bottleneck_predictor = TextJepaPredictor(bottleneck_config)
+        else:
+            self.bottleneck_predictor = None
         self.post_init()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
@@ -555,7 +680,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------
     @torch.no_grad()
-    def compute_targets(self, input_ids, attention_mask=None, target_idx=None, return_sentence=False):
+    def compute_targets(self, input_ids, attention_mask=None, target_idx=None, return_sentence=False,
+                        segment_ids=None, position_ids=None):
         """Teacher pass over the full sequence: (B, L) -> normalised targets (B, L, H), float32.
 
         With target_idx (B, N) positions, returns only those tokens' targets (B, N, H), the same
@@ -563,9 +689,11 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         ("layer_norm", "none") commute with the gather, so the teacher's last layer computes only the
         target tokens and the norms run on them alone. "instance_norm" needs every token's state.
 
-        return_sentence=True also returns the teacher's sentence embedding (B, H), float32: the mean
-        of its last hidden states over non-padding tokens, i.e. what the exported encoder's mean
-        pooling gives. It needs every token's last layer, so the last-layer shortcut is off.
+        return_sentence=True also returns the teacher's sentence embeddings, float32: the mean of its
+        last hidden states over non-padding tokens, i.e. what the exported encoder's mean pooling gives,
+        (B, 1, H); with segment_ids (B, L) one per segment, (B, S, H) for S = segment_ids.max() + 1 (an
+        absent segment's row is 0). It needs every token's last layer, so the last-layer shortcut is off.
+        segment_ids also keep attention within each segment; position_ids (B, L) default to 0..L-1.
         """
         kind = self.config.target_norm
         per_token = kind != "instance_norm"
@@ -573,7 +701,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         if target_idx is not None and per_token and target_idx.shape[1] < input_ids.shape[1] and not return_sentence:
             query_index = target_idx
         outputs = self.teacher(
-            input_ids, attention_mask=attention_mask, output_hidden_states=True, query_index=query_index
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, output_hidden_states=True,
+            query_index=query_index, segment_ids=segment_ids,
         )
         layers = list(outputs.hidden_states[-self.config.target_num_layers :])
         if target_idx is not None and per_token:  # gather first, normalise the N tokens only
@@ -587,58 +716,133 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         if target_idx is not None and not per_token:
             targets = select_tokens(targets, target_idx)
         if return_sentence:
-            sentence = pool_hidden_states(outputs.last_hidden_state.float(), attention_mask, "mean")  # (B, H)
+            segments = segment_ids if segment_ids is not None else torch.zeros_like(input_ids)
+            sentence, _ = segment_means(outputs.last_hidden_state.float(), segments, attention_mask)  # (B, S, H)
             return targets, sentence
         return targets
 
-    def forward(self, input_ids, context_idx, target_idx, attention_mask=None, return_dict=None, **kwargs):
-        # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt)
+    def forward(self, input_ids, context_idx, target_idx, attention_mask=None, segment_ids=None,
+                position_ids=None, same_document=None, return_dict=None, **kwargs):
+        # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt). From the collator's views:
+        #   segment_ids, position_ids (B, L) (masking.views="document_halves"): S segments per row, each
+        #     read as a text of its own (attention within it, positions from 0); segments 2d and 2d+1 are
+        #     the two halves of one document piece, partners for the cross-view target;
+        #   same_document (B,) bool (masking.num_views): rows 2i and 2i+1 are neighbouring segments of one
+        #     block and partners when they come from one document.
+        config = self.config
         batch, length = input_ids.shape
         if context_idx.dim() == 2:  # one mask per sequence
             context_idx, target_idx = context_idx[:, None], target_idx[:, None]
         num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
         rows = batch * num_masks
+        use_cross_view = self.view_predictor is not None and (same_document is not None or segment_ids is not None)
+        use_tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
+        use_sentence = self.sentence_predictor is not None or use_cross_view
+        if position_ids is None:
+            position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+        segments = segment_ids if segment_ids is not None else torch.zeros_like(input_ids)  # (B, L)
 
-        # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions
-        use_sentence = self.sentence_predictor is not None
+        # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions, and
+        #    its mean-pooled embedding of every segment (B, S, H)
         targets = self.compute_targets(
-            input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target), return_sentence=use_sentence
+            input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target),
+            return_sentence=use_sentence, segment_ids=segment_ids, position_ids=position_ids,
         )
         if use_sentence:
-            targets, sentence_targets = targets  # sentence_targets (B, H)
+            targets, sentence_targets = targets
         targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
+        num_segments = int(segments.max()) + 1
+        teacher_has = torch.zeros(batch, num_segments, dtype=torch.bool, device=input_ids.device)
+        teacher_has.scatter_(1, segments, True if attention_mask is None else attention_mask.bool())
 
-        # 2. student: only the visible tokens, keeping their original positions
+        # 2. student: only the visible tokens, keeping their positions (and segments)
         context_idx = context_idx.reshape(rows, num_context)
         target_idx = target_idx.reshape(rows, num_target)
         row_to_sequence = torch.arange(batch, device=input_ids.device).repeat_interleave(num_masks)[:, None]
         context_ids = input_ids[row_to_sequence, context_idx]  # (B*K, Nc)
         context_mask = attention_mask[row_to_sequence, context_idx] if attention_mask is not None else None
+        context_positions = position_ids[row_to_sequence, context_idx]
+        context_segments = segments[row_to_sequence, context_idx]  # (B*K, Nc)
+        target_positions = position_ids[row_to_sequence, target_idx]
+        target_segments = segments[row_to_sequence, target_idx]  # (B*K, Nt)
+        segmented = segment_ids is not None
         context_states = self.textjepa(
-            context_ids, attention_mask=context_mask, position_ids=context_idx
+            context_ids, attention_mask=context_mask, position_ids=context_positions,
+            segment_ids=context_segments if segmented else None,
         ).last_hidden_state  # (B*K, Nc, H)
+        # the student's idea of each segment from what it sees: (B*K, S, H), and which segments it saw
+        pooled_context, student_counts = segment_means(context_states, context_segments, context_mask, num_segments)
+        student_has = student_counts > 0
 
-        # 3. predictor: estimate the teacher's states at the target positions
-        predictions = self.predictor(context_states, context_idx, target_idx, context_mask)  # (B*K, Nt, H)
-        token_loss = self.compute_loss(predictions, targets)
-        loss, sentence_loss = token_loss, None
+        # 3. predictor: estimate the teacher's states at the target positions (token- and span-level)
+        terms, weighted = {}, []
+        predictions = None
+        if use_tokens:
+            segment_kwargs = dict(context_segments=context_segments, target_segments=target_segments) if segmented else {}
+            predictions = self.predictor(context_states, context_positions, target_positions, context_mask,
+                                         **segment_kwargs)  # (B*K, Nt, H)
+            terms["token_loss"] = self.compute_loss(predictions, targets)
+            weighted.append(config.token_loss_weight * terms["token_loss"])
+            if config.span_loss_weight > 0:  # the idea of each hidden span: its mean, not its tokens
+                terms["span_loss"] = cosine_distance(span_means(predictions.float(), target_idx),
+                                                     span_means(targets, target_idx))
+                weighted.append(config.span_loss_weight * terms["span_loss"])
+        if self.bottleneck_predictor is not None:  # the same targets, seen through each segment's pooled vector
+            slots = torch.arange(num_segments, device=input_ids.device).expand(rows, num_segments)
+            decoded = self.bottleneck_predictor(
+                pooled_context.to(context_states.dtype), torch.zeros_like(slots), target_positions,
+                student_has.long(), slots if segmented else None, target_segments if segmented else None,
+            )
+            terms["bottleneck_loss"] = self.compute_loss(decoded, targets)
+            weighted.append(config.bottleneck_loss_weight * terms["bottleneck_loss"])
 
-        # 4. optional sentence-level target: pooled visible context -> teacher's pooled whole text
-        if use_sentence:
-            pooled_context = pool_hidden_states(context_states, context_mask, "mean")  # (B*K, H)
-            sentence_predictions = self.sentence_predictor(pooled_context).float()
-            sentence_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, H)
-            sentence_loss = 1.0 - F.cosine_similarity(sentence_predictions, sentence_targets, dim=-1).mean()
-            loss = loss + self.config.sentence_loss_weight * sentence_loss
+        # 4. sentence-level targets from the pooled visible context of each segment
+        if self.sentence_predictor is not None:  # -> the teacher's pooled whole segment
+            own_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, S, H)
+            own_valid = student_has & teacher_has.repeat_interleave(num_masks, dim=0)
+            terms["sentence_loss"] = cosine_distance(
+                self.sentence_predictor(pooled_context)[own_valid], own_targets[own_valid])
+            weighted.append(config.sentence_loss_weight * terms["sentence_loss"])
+        if use_cross_view:  # -> the teacher's pooled embedding of the partner segment (same document)
+            if segmented:  # segment s <-> s ^ 1 of the same row
+                partner = torch.arange(num_segments, device=input_ids.device) ^ 1
+                partner = partner.clamp(max=num_segments - 1)  # an odd last segment has no partner
+                partner_targets, partner_valid = sentence_targets[:, partner], teacher_has[:, partner]
+                partner_valid = partner_valid & (partner != torch.arange(num_segments, device=input_ids.device))
+            else:  # row 2i <-> 2i+1
+                if batch % 2:
+                    raise ValueError(f"cross-view targets need pairs of segments; got an odd batch of {batch} rows")
+                partner = torch.arange(batch, device=input_ids.device) ^ 1
+                partner_targets = sentence_targets[partner]
+                partner_valid = teacher_has[partner] & same_document[:, None]
+            partner_targets = partner_targets.repeat_interleave(num_masks, dim=0)  # (B*K, S, H)
+            pair_valid = student_has & partner_valid.repeat_interleave(num_masks, dim=0)
+            terms["cross_view_loss"] = cosine_distance(self.view_predictor(pooled_context)[pair_valid],
+                                                       partner_targets[pair_valid])
+            weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
 
+        # 5. optional guard on the geometry of the pooled student vectors (the segments it saw)
+        if config.pooled_reg != "none" and config.pooled_reg_weight > 0:
+            seen = pooled_context[student_has]  # (M, H)
+            if config.pooled_reg == "vicreg":
+                terms["pooled_reg"] = vicreg_regularizer(seen)
+            else:
+                terms["pooled_reg"] = sigreg_statistic(seen, config.sigreg_num_slices)
+            weighted.append(config.pooled_reg_weight * terms["pooled_reg"])
+        if not weighted:
+            raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, span_loss_weight, "
+                             "sentence_loss_weight, cross_view_loss_weight or bottleneck_loss_weight > 0)")
+
+        reference = predictions if predictions is not None else pooled_context[student_has]
         return TextJepaForPreTrainingOutput(
-            loss=loss,
+            loss=sum(weighted),
             predictions=predictions,
             targets=targets,
             target_std=per_dimension_std(targets),
-            prediction_std=per_dimension_std(predictions),
-            token_loss=token_loss.detach(),
-            sentence_loss=sentence_loss.detach() if sentence_loss is not None else None,
+            prediction_std=per_dimension_std(reference),
+            token_loss=terms["token_loss"].detach() if "token_loss" in terms else None,
+            sentence_loss=terms["sentence_loss"].detach() if "sentence_loss" in terms else None,
+            loss_terms={name: value.detach() for name, value in terms.items()},
         )
 
     def compute_loss(self, predictions, targets):

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
+from textjepa.evaluation.whitening import WHITENING_FILE, apply_whitening, load_whitening
 
 POOLINGS = ("mean", "cls")
 
@@ -142,19 +143,21 @@ def load_encoder(model_name_or_path, device=None):
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = check_model_dir(model_name_or_path)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as error:  # a broken config.json, an unknown model_type, ...
+        raise ValueError(f"{path}: AutoConfig.from_pretrained failed: {type(error).__name__}: {error}") from error
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is an encoder-decoder; "
                          "expected an encoder that AutoModel returns hidden states for")
     try:
         model = AutoModel.from_pretrained(path)
-    except Exception as error:  # size mismatch (RuntimeError), truncated weights (SafetensorError), ...
+    except Exception as error:  # RuntimeError (shape mismatch), SafetensorError (truncated file), OSError, ...
         raise ValueError(f"{path}: AutoModel.from_pretrained could not load an encoder "
-                         f"(model_type {config.model_type!r}): {type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''}") from error
+                         f"(model_type {config.model_type!r}): {type(error).__name__}: {error}") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (ValueError, KeyError, OSError, TypeError) as error:
+    except Exception as error:
         raise ValueError(f"{path}: no usable tokenizer beside the model (tokenizer.json / tokenizer_config.json): "
                          f"{error}") from error
     if not hasattr(model, "get_input_embeddings") or model.get_input_embeddings() is None:
@@ -166,20 +169,31 @@ def load_encoder(model_name_or_path, device=None):
 
 
 class SentenceEncoder:
-    """An encoder directory + pooling settings; `.encode(texts)` gives (N, H) float32 embeddings."""
+    """An encoder directory + pooling settings; `.encode(texts)` gives (N, H) float32 embeddings.
+
+    A directory holding whitening.safetensors is used as shipped: every pooled vector x becomes
+    (x - mean) @ matrix before L2 normalisation. cache=True keeps each distinct text's pooled vector
+    for the encoder's lifetime, so a text shared by several tasks (or asked for twice) is encoded once.
+    """
 
     def __init__(self, model_name_or_path, pooling="mean", normalize=True, max_length=None, batch_size=64,
-                 device=None, dtype=None):
+                 device=None, dtype=None, cache=False):
         self.name = str(model_name_or_path)
         self.model, self.tokenizer = load_encoder(model_name_or_path, device=device)
         model_dir = self.name if os.path.isdir(self.name) else None
         self.max_length = max_length or default_max_length(self.model.config, self.tokenizer, model_dir)
         self.pooling, self.normalize, self.batch_size, self.dtype = pooling, normalize, batch_size, dtype
         self.device = next(self.model.parameters()).device
+        shipped = load_whitening(model_dir) if model_dir else None
+        self.whitening = [shipped] if shipped else []  # [(mean, matrix)], applied in order
+        self._cache = {} if cache else None  # (pooling, text) -> raw pooled vector (H,)
         self._check_output()
 
     def _check_output(self):
         """One tiny forward pass so a directory that is not an encoder fails here, naming itself."""
+        if self.whitening and self.whitening[0][0].shape[0] != self.dimension:
+            raise ValueError(f"{self.name}/{WHITENING_FILE}: mean has {self.whitening[0][0].shape[0]} dimensions, "
+                             f"the model gives {self.dimension}")
         try:
             vector = self.encode(["hello world"], show_progress=False)
         except Exception as error:
@@ -191,8 +205,31 @@ class SentenceEncoder:
     def dimension(self):
         return int(self.model.config.hidden_size)
 
+    def _raw(self, texts, batch_size, show_progress, pooling):
+        """(N, H) float32 pooled, un-normalised vectors; through the cache when there is one."""
+        def run(batch):
+            return encode(self.model, self.tokenizer, batch, pooling=pooling, normalize=False,
+                          batch_size=batch_size or self.batch_size, max_length=self.max_length, device=self.device,
+                          show_progress=show_progress, dtype=self.dtype)
+        if self._cache is None:
+            return run(texts)
+        missing = list(dict.fromkeys(t for t in texts if (pooling, t) not in self._cache))
+        if missing:
+            for text, vector in zip(missing, run(missing)):
+                self._cache[(pooling, text)] = vector
+        if not texts:
+            return np.zeros((0, self.dimension), dtype=np.float32)
+        return np.stack([self._cache[(pooling, t)] for t in texts])
+
     def encode(self, texts, batch_size=None, show_progress=False, convert_to_tensor=False, normalize=None, pooling=None):
-        return encode(self.model, self.tokenizer, texts, pooling=pooling or self.pooling,
-                      normalize=self.normalize if normalize is None else normalize,
-                      batch_size=batch_size or self.batch_size, max_length=self.max_length, device=self.device,
-                      show_progress=show_progress, dtype=self.dtype, convert_to_tensor=convert_to_tensor)
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        vectors = self._raw(texts, batch_size, show_progress, pooling or self.pooling)
+        for mean, matrix in self.whitening:
+            vectors = apply_whitening(vectors, mean, matrix).astype(np.float32)
+        bad = ~np.isfinite(vectors).all(axis=1)
+        if bad.any():
+            raise ValueError(f"{self.name}: non-finite embeddings (NaN/inf) for {int(bad.sum())} of {len(texts)} "
+                             f"texts, e.g. {texts[int(np.argmax(bad))][:60]!r}")
+        if self.normalize if normalize is None else normalize:
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return torch.from_numpy(vectors) if convert_to_tensor else vectors

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 import textjepa  # noqa: F401  registers textjepa's AutoModelForSequenceClassification
-from textjepa.evaluation.metrics import classification_metrics, regression_metrics
+from textjepa.evaluation.metrics import classification_metrics, regression_metrics, with_intervals
 from textjepa.evaluation.tasks import labels_of, load_task, texts_of
 
 PROBE_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
@@ -59,12 +59,25 @@ def probe_features(encoder, spec, show_progress=False):
 
 def linear_probe(encoder, spec, show_progress=False, c_grid=PROBE_C_GRID, alpha_grid=PROBE_ALPHA_GRID):
     """Fit on train, choose C (or ridge alpha) by the task metric on validation, report validation and test."""
+    start = time.time()
+    results = fit_probe(probe_features(encoder, spec, show_progress=show_progress), spec, encoder.name, c_grid,
+                        alpha_grid)
+    results["seconds"] = time.time() - start
+    return results
+
+
+def fit_probe(features, spec, model_name, c_grid=PROBE_C_GRID, alpha_grid=PROBE_ALPHA_GRID):
+    """The probe on any {split: (N, D) features} (dense, or sparse like TF-IDF): standardise with train
+    statistics, logistic regression (ridge for scores) per grid value, keep the best on validation.
+    Results x100, with a bootstrap interval of the headline metric per evaluated split."""
+    import scipy.sparse
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
-    start = time.time()
-    features = probe_features(encoder, spec, show_progress=show_progress)
-    scaler = StandardScaler().fit(features["train"])
+    from textjepa.evaluation.metrics import bootstrap_replicates
+
+    sparse = scipy.sparse.issparse(features["train"])
+    scaler = StandardScaler(with_mean=not sparse).fit(features["train"])  # centring would densify sparse input
     features = {split: scaler.transform(x) for split, x in features.items()}
     labels = {split: labels_of(spec, split) for split in spec.splits}
     if not spec.is_regression and len(np.unique(labels["train"])) < 2:
@@ -77,16 +90,19 @@ def linear_probe(encoder, spec, show_progress=False, c_grid=PROBE_C_GRID, alpha_
         else:
             model = LogisticRegression(C=value, max_iter=1000)
         model.fit(features["train"], labels["train"])
-        validation = score(spec, labels["validation"], model.predict(features["validation"]))
+        predictions = model.predict(features["validation"])
+        validation = score(spec, labels["validation"], predictions)
         if best is None or validation[spec.metric] > best[1][spec.metric]:
-            best = (value, validation, model)
-    value, validation, model = best
-    results = {"task": spec.name, "mode": "linear_probe", "model": encoder.name, "metric": spec.metric,
+            best = (value, validation, model, predictions)
+    value, validation, model, predictions = best
+    results = {"task": spec.name, "mode": "linear_probe", "model": model_name, "metric": spec.metric,
                "alpha" if spec.is_regression else "C": value, "validation": validation,
-               "num_examples": {split: len(ds) for split, ds in spec.splits.items()}}
+               "num_examples": {split: len(ds) for split, ds in spec.splits.items()},
+               "replicates": {"validation": bootstrap_replicates(spec.metric, labels["validation"], predictions)}}
     if "test" in spec.splits:
-        results["test"] = score(spec, labels["test"], model.predict(features["test"]))
-    results["seconds"] = time.time() - start
+        predictions = model.predict(features["test"])
+        results["test"] = score(spec, labels["test"], predictions)
+        results["replicates"]["test"] = bootstrap_replicates(spec.metric, labels["test"], predictions)
     return results
 
 
@@ -256,7 +272,7 @@ def main(argv=None):
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(with_intervals(results), f, indent=2)
     return 0
 
 

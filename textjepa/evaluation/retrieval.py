@@ -4,7 +4,10 @@
 
 Corpus entries are embedded as "title text"; queries and documents go through the same encoder.
 Exact top-k by chunked matrix products: memory is (query_chunk x corpus_chunk) scores at a time plus
-the running (query_chunk x k) best, however large the corpus. Metrics: nDCG@10, Recall@1/10/100, MRR@10.
+the running (query_chunk x k) best, however large the corpus. Metrics: nDCG@10, Recall@1/10/100, MRR@10
+(pytrec_eval). The whole corpus is always searched; `subsample_corpus` exists only for an explicit
+--subsample-corpus in the suite. Validation: see validation_test_qrels (a fixed half of the test queries
+when the set has no validation judgements).
 """
 
 import argparse
@@ -14,9 +17,10 @@ import json
 import os
 import time
 
+import numpy as np
 import torch
 
-from textjepa.evaluation.metrics import retrieval_metrics
+from textjepa.evaluation.metrics import bootstrap_replicates, retrieval_per_query, with_intervals
 
 
 def _open(path):
@@ -47,13 +51,25 @@ def _read_jsonl(path, required):
     return rows
 
 
+def _unique_ids(path):
+    """Rows of a corpus/queries file; a repeated _id is an error (a dict would keep only the last one)."""
+    rows, seen = _read_jsonl(path, ("_id", "text")), {}
+    for line_number, row in enumerate(rows, 1):
+        key = str(row["_id"])
+        if key in seen:
+            raise ValueError(f"{_open(path)[0]}: duplicate _id {key!r} (rows {seen[key]} and {line_number}); "
+                             "expected one row per id")
+        seen[key] = line_number
+    return rows
+
+
 def load_beir(data_dir, split="test"):
     """-> (corpus {doc_id: text}, queries {query_id: text}, qrels {query_id: {doc_id: relevance}})."""
     corpus = {}
-    for row in _read_jsonl(os.path.join(data_dir, "corpus.jsonl"), ("_id", "text")):
+    for row in _unique_ids(os.path.join(data_dir, "corpus.jsonl")):
         title = (row.get("title") or "").strip()
         corpus[str(row["_id"])] = (title + " " + row["text"]).strip() if title else row["text"]
-    queries = {str(row["_id"]): row["text"] for row in _read_jsonl(os.path.join(data_dir, "queries.jsonl"), ("_id", "text"))}
+    queries = {str(row["_id"]): row["text"] for row in _unique_ids(os.path.join(data_dir, "queries.jsonl"))}
     qrels_path, f = _open(os.path.join(data_dir, "qrels", f"{split}.tsv"))
     qrels = {}
     with f:
@@ -75,12 +91,30 @@ def load_beir(data_dir, split="test"):
     return corpus, queries, qrels
 
 
-def subsample(corpus, queries, qrels, max_queries):
-    """Smoke runs: the first max_queries judged queries, their relevant docs plus as many other docs."""
-    kept = dict(list(qrels.items())[:max_queries])
-    doc_ids = {d for rel in kept.values() for d in rel}
-    doc_ids.update(list(corpus)[:max_queries])
-    return {d: corpus[d] for d in corpus if d in doc_ids}, {q: queries[q] for q in kept}, kept
+def validation_test_qrels(data_dir, qrels, seed=0):
+    """{"validation": qrels, "test": qrels}. BEIR sets mostly ship test judgements only: unless
+    qrels/validation.tsv or qrels/dev.tsv exists, the judged test queries are split in two fixed
+    halves (sorted ids, permuted with `seed`): the first half is validation, the rest test. Both
+    halves search the full corpus; no query is in both."""
+    for name in ("validation", "dev"):
+        if any(os.path.isfile(os.path.join(data_dir, "qrels", f"{name}.tsv{gz}")) for gz in ("", ".gz")):
+            return {"validation": load_beir(data_dir, name)[2], "test": qrels}
+    ids = sorted(qrels)
+    order = np.random.default_rng(seed).permutation(len(ids))
+    half = len(ids) // 2
+    return {"validation": {ids[i]: qrels[ids[i]] for i in sorted(order[:half])},
+            "test": {ids[i]: qrels[ids[i]] for i in sorted(order[half:])}}
+
+
+def subsample_corpus(corpus, qrels_by_split, size, seed=0):
+    """Every judged document plus a seeded sample of the others, `size` documents in all (never fewer
+    than the judged ones). Only with an explicit --subsample-corpus: small corpora inflate every score."""
+    judged = {d for qrels in qrels_by_split.values() for rel in qrels.values() for d in rel}
+    others = [d for d in corpus if d not in judged]
+    rng = np.random.default_rng(seed)
+    picked = set(rng.choice(len(others), size=max(0, min(len(others), size - len(judged))), replace=False).tolist())
+    keep = judged | {others[i] for i in picked}
+    return {d: text for d, text in corpus.items() if d in keep}
 
 
 def search(query_embeddings, corpus_embeddings, k, query_chunk=1024, corpus_chunk=50_000):
@@ -105,16 +139,30 @@ def search(query_embeddings, corpus_embeddings, k, query_chunk=1024, corpus_chun
     return torch.cat(all_scores), torch.cat(all_indices)
 
 
-def evaluate_retrieval(encoder, corpus, queries, qrels, k=100, show_progress=False, name=""):
+def evaluate_retrieval(encoder, corpus, queries, qrels_by_split, k=100, show_progress=False, name=""):
+    """Dense retrieval over the whole `corpus` for each {split: qrels}; one result with every split."""
     start = time.time()
-    doc_ids, query_ids = list(corpus), list(qrels)  # only judged queries are scored (BEIR)
+    doc_ids = list(corpus)
+    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))  # judged queries only
     corpus_embeddings = encoder.encode([corpus[d] for d in doc_ids], show_progress=show_progress, convert_to_tensor=True)
     query_embeddings = encoder.encode([queries[q] for q in query_ids], show_progress=show_progress, convert_to_tensor=True)
     _, top = search(query_embeddings, corpus_embeddings, k)
     rankings = {qid: [doc_ids[i] for i in row] for qid, row in zip(query_ids, top.tolist())}
-    metrics = {key: 100.0 * value for key, value in retrieval_metrics(rankings, qrels).items()}
-    return {"task": name, "mode": "retrieval", "model": encoder.name, "metric": "ndcg_at_10", "test": metrics,
-            "num_queries": len(query_ids), "num_documents": len(doc_ids), "seconds": time.time() - start}
+    return retrieval_result(rankings, qrels_by_split, len(doc_ids), encoder.name, name, start)
+
+
+def retrieval_result(rankings, qrels_by_split, num_documents, model_name, name, start):
+    """The result dict from {query_id: ranked doc ids}, any ranker (encoder or BM25): metrics x100 per
+    split and bootstrap replicates of nDCG@10 over queries."""
+    result = {"task": name, "mode": "retrieval", "model": model_name, "metric": "ndcg_at_10", "replicates": {},
+              "num_queries": {}, "num_documents": num_documents}
+    for split, qrels in qrels_by_split.items():
+        per_query = retrieval_per_query(rankings, qrels)
+        result[split] = {key: 100.0 * float(values.mean()) for key, values in per_query.items()}
+        result["replicates"][split] = bootstrap_replicates("mean", per_query["ndcg_at_10"], None)
+        result["num_queries"][split] = len(qrels)
+    result["seconds"] = time.time() - start
+    return result
 
 
 def main(argv=None):
@@ -126,19 +174,19 @@ def main(argv=None):
     p.add_argument("--split", default="test")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_queries", type=int, default=None)
+    p.add_argument("--max_queries", type=int, default=None, help="score only the first N judged queries (full corpus)")
     p.add_argument("--output", default=None)
     args = p.parse_args(argv)
     corpus, queries, qrels = load_beir(args.data_dir, args.split)
     if args.max_queries:
-        corpus, queries, qrels = subsample(corpus, queries, qrels, args.max_queries)
+        qrels = dict(list(qrels.items())[:args.max_queries])
     encoder = SentenceEncoder(args.model, pooling=args.pooling, batch_size=args.batch_size)
-    results = evaluate_retrieval(encoder, corpus, queries, qrels, show_progress=True,
+    results = evaluate_retrieval(encoder, corpus, queries, {args.split: qrels}, show_progress=True,
                                  name=os.path.basename(os.path.normpath(args.data_dir)))
-    print(" ".join(f"{key} {value:.2f}" for key, value in results["test"].items()))
+    print(" ".join(f"{key} {value:.2f}" for key, value in results[args.split].items()))
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(with_intervals(results), f, indent=2)
     return 0
 
 

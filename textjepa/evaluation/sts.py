@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from textjepa.evaluation.metrics import pearson, spearman
+from textjepa.evaluation.metrics import bootstrap_replicates, pearson, spearman, with_intervals
 from textjepa.evaluation.tasks import labels_of, load_task_dir, texts_of
 
 
@@ -34,15 +34,26 @@ def evaluate_sts(encoder, sentences1, sentences2, gold_scores, show_progress=Fal
 
 def evaluate_sts_task(encoder, spec, split="test", show_progress=False):
     """Zero-shot STS on one split of a loaded score task (num_labels == 1, sentence pairs)."""
+    check_sts_task(spec, split)
+    start = time.time()
+    s1, s2 = texts_of(spec, split)
+    return sts_result(spec, split, cosine_scores(encoder, s1, s2, show_progress), encoder.name, start)
+
+
+def check_sts_task(spec, split):
     if not (spec.is_regression and spec.is_pair):
         raise ValueError(f"{spec.source}: zero-shot STS needs a sentence-pair score task (num_labels 1, two keys)")
     if split not in spec.splits:
         raise ValueError(f"{spec.name}: no {split} split for zero-shot STS")
-    start = time.time()
-    s1, s2 = texts_of(spec, split)
-    results = evaluate_sts(encoder, s1, s2, labels_of(spec, split), show_progress)
-    return {"task": spec.name, "mode": "zero_shot_sts", "model": encoder.name, "split": split, "metric": "spearman",
-            split: results, "seconds": time.time() - start}
+
+
+def sts_result(spec, split, cosine, model_name, start):
+    """The result dict for one split from (N,) similarity scores, any scorer (encoder or lexical baseline)."""
+    gold = labels_of(spec, split)
+    results = {"spearman": 100.0 * spearman(gold, cosine), "pearson": 100.0 * pearson(gold, cosine)}
+    return {"task": spec.name, "mode": "zero_shot_sts", "model": model_name, "split": split, "metric": "spearman",
+            split: results, "replicates": {split: bootstrap_replicates("spearman", gold, cosine)},
+            "seconds": time.time() - start}
 
 
 def main(argv=None):
@@ -60,7 +71,7 @@ def main(argv=None):
     print(f"{results['task']} zero-shot {args.split}: spearman {results[args.split]['spearman']:.2f}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(with_intervals(results), f, indent=2)
     return 0
 
 

@@ -9,6 +9,7 @@ num_labels == 1 means a regression task (a score). GLUE tasks by name come from 
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,15 +92,24 @@ def find_split_files(task_dir):
     return found
 
 
+TASK_JSON_KEYS = ("kind", "keys", "num_labels", "label_names", "label_key", "metric", "source", "sizes")
+
+
 def read_task_json(directory):
     path = os.path.join(directory, "task.json")
     if not os.path.isfile(path):
         return None, path
     with open(path) as f:
         try:
-            return json.load(f), path
+            info = json.load(f)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object with keys among {list(TASK_JSON_KEYS)}")
+    unknown = sorted(set(info) - set(TASK_JSON_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; expected keys among {list(TASK_JSON_KEYS)}")
+    return info, path
 
 
 def load_task(train_file=None, validation_file=None, test_file=None, task_name=None, sentence1_key=None,
@@ -145,7 +155,21 @@ def load_task(train_file=None, validation_file=None, test_file=None, task_name=N
     for split in spec.splits:
         check_texts(spec, split)
         labels_of(spec, split)  # raises on missing / out-of-range labels
+    warn_unseen_labels(spec)
     return spec
+
+
+def warn_unseen_labels(spec):
+    """A class in validation/test that train never shows cannot be predicted by a probe: say which."""
+    if spec.is_regression or "train" not in spec.splits:
+        return
+    seen = set(labels_of(spec, "train").tolist())
+    for split in spec.splits:
+        unseen = sorted(set(labels_of(spec, split).tolist()) - seen)
+        if unseen:
+            names = [spec.label_names[i] if spec.label_names and i < len(spec.label_names) else i for i in unseen]
+            warnings.warn(f"{spec.split_files[split]}: label(s) {names} never appear in the train split "
+                          f"({spec.split_files['train']}); a probe cannot predict them")
 
 
 def load_task_dir(task_dir, max_examples=None):

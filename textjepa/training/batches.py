@@ -28,10 +28,14 @@ logger = logging.getLogger(__name__)
 SHIPPED_TOKENIZER = Path(__file__).resolve().parents[1] / "corpus"
 
 
+def text_source(source: str, output_dir: Path) -> str:
+    """A file or glob; "quickstart" is the corpus shipped in textjepa/corpus, decompressed once beside the run."""
+    return str(quickstart_text_file(output_dir / "data")) if source == QUICKSTART_NAME else source
+
+
 def _sources(recipe, output_dir: Path) -> list[str]:
     sources = recipe.data.source if isinstance(recipe.data.source, list) else [recipe.data.source]
-    # "quickstart" is the corpus shipped in textjepa/corpus, decompressed once beside the run
-    return [str(quickstart_text_file(output_dir / "data")) if s == QUICKSTART_NAME else s for s in sources]
+    return [text_source(s, output_dir) for s in sources]
 
 
 def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):

@@ -342,6 +342,10 @@ def _train(recipe, resume, model, announce, cleanup):
                        if k not in ("special_tokens_never_target", "mlm_probability") and v is not None}
         if recipe.mask.special_tokens_never_target:
             mask_fields["special_token_ids"] = tuple(tokenizer.all_special_ids)
+        if recipe.mask.num_views > 1 or recipe.mask.views != "none":  # views must know document boundaries
+            from textjepa.data import separator_token_id
+
+            mask_fields["separator_token_id"] = separator_token_id(tokenizer)
         make_batch = JepaBatchMaker(MaskingConfig(**mask_fields))
     else:
         make_batch = MlmBatchMaker(tokenizer, recipe.mask.mlm_probability)
@@ -415,8 +419,8 @@ def _train(recipe, resume, model, announce, cleanup):
             group["lr"] = lr
             group["weight_decay"] = wd if group["apply_decay"] else 0.0
 
-        # loss, target_std, prediction_std, sentence_loss, summed over micro-batches
-        sums = torch.zeros(4, device=accelerator.device)
+        # loss, target_std, prediction_std and the model's loss terms, summed over micro-batches by name
+        sums = {}
         grad_norm = None
         for _ in range(t.grad_accum):
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
@@ -429,12 +433,11 @@ def _train(recipe, resume, model, announce, cleanup):
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             fault_point("step", step)
-            sums[0] += out.loss.detach().float()
+            figures = {"loss": out.loss}
             if recipe.objective == "jepa":
-                sums[1] += out.target_std.detach().float()
-                sums[2] += out.prediction_std.detach().float()
-                if out.sentence_loss is not None:
-                    sums[3] += out.sentence_loss.float()
+                figures.update(target_std=out.target_std, prediction_std=out.prediction_std, **out.loss_terms)
+            for name, value in figures.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float()
         if not accelerator.sync_gradients:  # accumulate() must have synced on the last micro-batch
             raise RuntimeError(f"step {step}: gradients were not synchronised after {t.grad_accum} micro-batches")
 
@@ -450,16 +453,16 @@ def _train(recipe, resume, model, announce, cleanup):
 
         # Same figures and the same decisions on every process: one small all-reduce per step.
         time_up = t.max_minutes is not None and (time.perf_counter() - session_start) > 60 * t.max_minutes
-        shared = torch.cat([sums / t.grad_accum, torch.tensor([float(time_up)], device=accelerator.device)])
+        names = sorted(sums)  # the same names on every process: the config decides them
+        shared = torch.stack([sums[name] / t.grad_accum for name in names]
+                             + [torch.tensor(float(time_up), device=accelerator.device)])
         shared = accelerator.reduce(shared, reduction="sum")
         world = accelerator.num_processes
-        metrics = {"step": state.step, "loss": float(shared[0]) / world, "lr": lr, "weight_decay": wd}
+        metrics = {"step": state.step, "lr": lr, "weight_decay": wd}
+        metrics.update({name: float(shared[i]) / world for i, name in enumerate(names)})
         if recipe.objective == "jepa":
-            metrics.update(target_std=float(shared[1]) / world, prediction_std=float(shared[2]) / world,
-                           momentum=momentum)
-            if out.sentence_loss is not None:  # the model has the sentence-level term
-                metrics["sentence_loss"] = float(shared[3]) / world
-        time_up = float(shared[4]) > 0
+            metrics["momentum"] = momentum
+        time_up = float(shared[-1]) > 0
         session_ends = time_up or state.step >= min(t.max_steps, stop_after)  # log final figures
         is_log_step = state.step % log_cfg.every == 0 or state.step == 1 or session_ends
         is_diag_step = state.step % log_cfg.diag_every == 0 or session_ends
@@ -533,6 +536,13 @@ def _train(recipe, resume, model, announce, cleanup):
             export_dir = output_dir / "export"
             export_model(unwrapped, recipe, tokenizer, export_dir, which=t.export_which, trainer_state=state)
             summary["export"] = str(export_dir)
+            if t.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
+                from textjepa.evaluation.whitening import ship_whitening
+
+                from .batches import text_source
+
+                source = text_source(t.export_whiten_on, output_dir)
+                summary["whitening"] = ship_whitening(export_dir, source, t.export_whiten_docs)
         if log_cfg.plot and metrics_log is not None:
             from .plots import plot_training_curves
 
@@ -543,6 +553,9 @@ def _train(recipe, resume, model, announce, cleanup):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg")  # model's loss_terms
 
 
 def _mean_throughput(history: list[dict]) -> float | None:
@@ -567,8 +580,9 @@ def format_summary(summary: dict) -> str:
     if summary["objective"] == "jepa":
         lines.append(f"  target std {fmt(final.get('target_std'))}, prediction std {fmt(final.get('prediction_std'))}, "
                      f"EMA momentum {fmt(final.get('momentum'))}")
-        if final.get("sentence_loss") is not None:
-            lines.append(f"  sentence-level term of the loss (1 - cosine): {fmt(final.get('sentence_loss'))}")
+        terms = [f"{name} {fmt(final[name])}" for name in LOSS_TERMS if final.get(name) is not None]
+        if terms:
+            lines.append("  loss terms (unweighted): " + ", ".join(terms))
     lines.append(f"  effective rank of pooled {'teacher' if summary['objective'] == 'jepa' else 'encoder'} "
                  f"embeddings (probe batch): {fmt(final.get('effective_rank'))}")
     lines.append(f"  checkpoint: {summary['checkpoint']}")

@@ -7,7 +7,7 @@ from pathlib import Path
 from .diagnostics import read_jsonl
 
 PANELS = [  # (metric key, title, log scale); EXTRA_KEYS share a panel with their key
-    ("loss", "loss (total, and its sentence-level term)", True),
+    ("loss", "loss (total, and its terms)", True),
     ("lr", "learning rate", False),
     ("target_std", "target / prediction std", False),
     ("effective_rank", "effective rank (RankMe, probe batch)", False),
@@ -15,7 +15,8 @@ PANELS = [  # (metric key, title, log scale); EXTRA_KEYS share a panel with thei
     ("tokens_per_s", "tokens / s", False),
 ]
 
-EXTRA_KEYS = {"loss": ["sentence_loss"], "target_std": ["prediction_std"]}
+EXTRA_KEYS = {"loss": ["token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg"],
+              "target_std": ["prediction_std"]}
 
 
 def plot_training_curves(log_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:

@@ -51,6 +51,13 @@ class ModelSection:
     smooth_l1_beta: Optional[float] = None
     variance_reg_weight: Optional[float] = None
     sentence_loss_weight: Optional[float] = None
+    token_loss_weight: Optional[float] = None
+    span_loss_weight: Optional[float] = None
+    cross_view_loss_weight: Optional[float] = None
+    bottleneck_loss_weight: Optional[float] = None
+    pooled_reg: Optional[Literal["none", "vicreg", "sigreg"]] = None
+    pooled_reg_weight: Optional[float] = None
+    sigreg_num_slices: Optional[int] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     attn_implementation: Optional[Literal["sdpa", "eager"]] = None
 
@@ -94,6 +101,8 @@ class MaskSection:
     min_span_length: int = 1
     extra_context_drop: float = 0.0
     allow_overlap: bool = False
+    num_views: int = 1  # 2, 4, ...: each block becomes that many segments (the cross-view target's pairs)
+    views: Literal["none", "document_halves"] = "none"  # segments per half document (cross-view pairs)
     special_tokens_never_target: bool = True
     mlm_probability: float = 0.15
 
@@ -147,6 +156,10 @@ class TrainSection:
     max_minutes: Optional[float] = None
     export: bool = True
     export_which: Literal["teacher", "student"] = "teacher"
+    # unlabeled text (file or glob) to fit whitening on at export: shipped in export/whitening.safetensors
+    # and applied by every SentenceEncoder; null ships none ("quickstart": the shipped corpus)
+    export_whiten_on: Optional[str] = None
+    export_whiten_docs: int = 8800
 
 
 @dataclass
@@ -304,9 +317,12 @@ BOUNDS = {
     "model.predictor_num_hidden_layers": _AT_LEAST_ONE, "model.predictor_num_attention_heads": _AT_LEAST_ONE,
     "model.target_num_layers": _AT_LEAST_ONE, "model.smooth_l1_beta": _POSITIVE,
     "model.variance_reg_weight": _NON_NEGATIVE, "model.sentence_loss_weight": _NON_NEGATIVE,
+    "model.token_loss_weight": _NON_NEGATIVE, "model.span_loss_weight": _NON_NEGATIVE,
+    "model.cross_view_loss_weight": _NON_NEGATIVE, "model.bottleneck_loss_weight": _NON_NEGATIVE,
+    "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
     "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
     "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
-    "mask.num_masks": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
+    "mask.num_masks": _AT_LEAST_ONE, "mask.num_views": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
     "mask.mean_span_length": (1, True, None, False), "mask.min_span_length": _AT_LEAST_ONE,
     "mask.extra_context_drop": _UNIT_RIGHT_OPEN, "mask.mlm_probability": _UNIT_OPEN,
     "optim.lr": _POSITIVE, "optim.min_lr": _NON_NEGATIVE, "optim.warmup_steps": _NON_NEGATIVE,
@@ -315,7 +331,7 @@ BOUNDS = {
     "ema.momentum_start": _UNIT_CLOSED, "ema.momentum_end": _UNIT_CLOSED,
     "train.max_steps": _AT_LEAST_ONE, "train.batch_size": _AT_LEAST_ONE, "train.grad_accum": _AT_LEAST_ONE,
     "train.seed": _NON_NEGATIVE, "train.threads": _AT_LEAST_ONE, "train.save_every": _AT_LEAST_ONE,
-    "train.keep_last": _AT_LEAST_ONE, "train.stop_after": _AT_LEAST_ONE, "train.max_minutes": _NON_NEGATIVE,
+    "train.keep_last": _AT_LEAST_ONE, "train.export_whiten_docs": _AT_LEAST_ONE, "train.stop_after": _AT_LEAST_ONE, "train.max_minutes": _NON_NEGATIVE,
     "log.every": _AT_LEAST_ONE, "log.diag_every": _AT_LEAST_ONE, "log.probe_size": (2, True, None, False),
     "log.min_std": _NON_NEGATIVE, "log.min_rank": _NON_NEGATIVE, "log.guard_after": _NON_NEGATIVE,
 }

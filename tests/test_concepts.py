@@ -1,0 +1,228 @@
+"""Concept-level targets: span concepts, two views per block with the cross-view target, and the
+pooled-space guards (VICReg, SIGReg). Shapes, known answers, gradients, determinism."""
+
+import pytest
+import torch
+from conftest import tiny_config_kwargs
+
+from textjepa import TextJepaConfig, TextJepaForPreTraining, pool_hidden_states
+from textjepa.masking import MaskingConfig, SpanMaskCollator, split_views
+from textjepa.modeling_textjepa import cosine_distance, sigreg_statistic, span_means, vicreg_regularizer
+
+SEP = 2
+
+
+def make_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return TextJepaForPreTraining(TextJepaConfig(**tiny_config_kwargs(**overrides)))
+
+
+def view_batch(batch=4, length=32, seed=0, separator_in=()):
+    """Collated two-view batch of `batch` blocks; blocks listed in separator_in get a separator inside."""
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(3, 97, (batch, length), generator=generator)
+    for i in separator_in:
+        blocks[i, length // 3] = SEP
+    config = MaskingConfig(target_ratio=0.25, num_spans=2, num_views=2, separator_token_id=SEP,
+                           special_token_ids=(0, 1, SEP))
+    return SpanMaskCollator(config, seed=seed)([{"input_ids": row} for row in blocks]), blocks
+
+
+def test_split_views_pairs_halves_and_checks_document_boundaries():
+    blocks = torch.arange(24).reshape(3, 8) + 10
+    blocks[1, 5] = SEP  # inside block 1: its halves come from different documents
+    blocks[2, 0] = SEP  # at the very start: block 2 is still one document
+    segments, same = split_views(blocks, SEP)
+    assert segments.shape == (6, 4)
+    torch.testing.assert_close(segments[2], blocks[1, :4])
+    torch.testing.assert_close(segments[3], blocks[1, 4:])
+    assert same.tolist() == [True, True, False, False, True, True]
+    with pytest.raises(ValueError, match="divide the block length"):
+        split_views(blocks[:, :7], SEP)
+    # four views: pairs (0, 1) and (2, 3) of each block, each pair checked on its own 4 tokens
+    segments, same = split_views(blocks, SEP, num_views=4)
+    assert segments.shape == (12, 2)
+    torch.testing.assert_close(segments[5], blocks[1, 2:4])
+    assert same.tolist() == [True] * 4 + [True, True, False, False] + [True] * 4
+    with pytest.raises(ValueError, match="even"):
+        split_views(blocks, SEP, num_views=3)
+
+
+def test_collator_with_two_views_masks_each_segment():
+    batch, blocks = view_batch(batch=4, length=32, separator_in=(2,))
+    assert batch["input_ids"].shape == (8, 16)
+    assert batch["same_document"].tolist() == [True] * 4 + [False] * 2 + [True] * 2
+    assert batch["context_idx"].shape == (8, 1, 12) and batch["target_idx"].shape == (8, 1, 4)
+    assert int(batch["context_idx"].max()) < 16 and int(batch["target_idx"].max()) < 16
+    for row in range(8):  # disjoint and together a subset of the segment
+        context, target = set(batch["context_idx"][row, 0].tolist()), set(batch["target_idx"][row, 0].tolist())
+        assert not context & target and len(context | target) == 16
+
+
+def test_span_means_known_answer():
+    values = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)  # (N=2, Nt=3, H=2)
+    target_idx = torch.tensor([[4, 5, 9], [0, 1, 2]])  # row 0: spans {4,5} and {9}; row 1: one span
+    expected = torch.tensor([[1.0, 2.0], [4.0, 5.0], [8.0, 9.0]])
+    torch.testing.assert_close(span_means(values, target_idx), expected)
+
+
+def test_each_term_is_zero_when_prediction_equals_target():
+    x = torch.randn(6, 5, 8)
+    target_idx = torch.tensor([[0, 1, 4, 5, 6]] * 6)
+    assert cosine_distance(span_means(x, target_idx), span_means(x, target_idx)).item() == pytest.approx(0, abs=1e-6)
+    flat = x[:, 0]
+    assert cosine_distance(flat, flat).item() == pytest.approx(0, abs=1e-6)
+    assert cosine_distance(flat, -flat).item() == pytest.approx(2, abs=1e-6)
+    # weights: only the weighted rows count; no weighted row -> 0, not NaN
+    assert cosine_distance(flat, -flat, torch.zeros(6)).item() == 0.0
+    empty = torch.zeros(0, 8, requires_grad=True)  # a batch without any cross-view pair
+    assert cosine_distance(empty, empty).item() == 0.0 and cosine_distance(empty, empty).requires_grad
+    weights = torch.tensor([1.0, 0, 0, 0, 0, 0])
+    mixed = torch.cat([flat[:1], -flat[1:]])
+    assert cosine_distance(flat, mixed, weights).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_pooled_guards_tell_gaussian_from_collapsed():
+    torch.manual_seed(0)
+    gaussian = torch.randn(512, 32)
+    collapsed = torch.ones(512, 32) * 0.3 + 1e-3 * torch.randn(512, 32)
+    rank_one = torch.randn(512, 1) * torch.ones(1, 32) / 32**0.5 * 3
+    sig = {name: sigreg_statistic(x, 128).item() for name, x in
+           (("gaussian", gaussian), ("collapsed", collapsed), ("rank_one", rank_one))}
+    assert sig["gaussian"] < 0.01  # ~1/N
+    assert sig["collapsed"] > 0.2 and sig["rank_one"] > 0.05
+    assert vicreg_regularizer(gaussian).item() < 0.2
+    assert vicreg_regularizer(collapsed).item() > 0.9
+    # differentiable, and pushing on it spreads a collapsed batch
+    x = collapsed.clone().requires_grad_(True)
+    sigreg_statistic(x, 64).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("reg", ["vicreg", "sigreg"])
+def test_concept_terms_train_student_and_heads_never_the_teacher(reg):
+    model = make_model(span_loss_weight=1.0, cross_view_loss_weight=1.0, sentence_loss_weight=1.0,
+                       bottleneck_loss_weight=0.5, pooled_reg=reg, pooled_reg_weight=0.1)
+    batch, _ = view_batch(batch=4, length=32, separator_in=(1,))
+    out = model(**batch)
+    assert set(out.loss_terms) == {"token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss",
+                                   "pooled_reg"}
+    config = model.config
+    expected = (out.loss_terms["token_loss"] + config.span_loss_weight * out.loss_terms["span_loss"]
+                + out.loss_terms["sentence_loss"] + out.loss_terms["cross_view_loss"]
+                + 0.5 * out.loss_terms["bottleneck_loss"] + 0.1 * out.loss_terms["pooled_reg"])
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
+    for module in (model.textjepa.embeddings.word_embeddings, model.predictor.output_projection,
+                   model.view_predictor[0], model.sentence_predictor[0], model.bottleneck_predictor.input_projection):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_bottleneck_decoder_reads_only_the_pooled_vector():
+    model = make_model(bottleneck_loss_weight=1.0, token_loss_weight=0.0, sentence_loss_weight=0.0)
+    assert len(model.bottleneck_predictor.layers) == 1
+    batch, _ = view_batch(batch=2, length=32)
+    with torch.no_grad():
+        targets = model.compute_targets(batch["input_ids"], target_idx=batch["target_idx"][:, 0])
+        context_idx = batch["context_idx"][:, 0]
+        pooled = model.textjepa(batch["input_ids"].gather(1, context_idx), position_ids=context_idx
+                                ).last_hidden_state.mean(dim=1)
+        decoded = model.bottleneck_predictor(pooled[:, None], torch.zeros(4, 1, dtype=torch.long),
+                                             batch["target_idx"][:, 0])
+    out = model(**batch)
+    assert set(out.loss_terms) == {"bottleneck_loss"}
+    torch.testing.assert_close(out.loss_terms["bottleneck_loss"], model.compute_loss(decoded, targets))
+
+
+def test_cross_view_target_is_the_partners_pooled_teacher_embedding():
+    model = make_model(cross_view_loss_weight=1.0, sentence_loss_weight=0.0)
+    batch, _ = view_batch(batch=2, length=32)
+    out = model(**batch)
+    # recompute by hand: row r predicts the teacher's mean-pooled segment r ^ 1
+    with torch.no_grad():
+        teacher_pooled = pool_hidden_states(model.teacher(batch["input_ids"]).last_hidden_state)
+        context_idx = batch["context_idx"][:, 0]
+        context_ids = batch["input_ids"].gather(1, context_idx)
+        student = model.textjepa(context_ids, position_ids=context_idx).last_hidden_state.mean(dim=1)
+        predicted = model.view_predictor(student)
+    expected = cosine_distance(predicted, teacher_pooled[[1, 0, 3, 2]])
+    torch.testing.assert_close(out.loss_terms["cross_view_loss"], expected)
+    # pairs that straddle a document boundary carry no cross-view loss
+    cut = dict(batch, same_document=torch.tensor([False, False, True, True]))
+    expected_cut = cosine_distance(predicted[2:], teacher_pooled[[3, 2]])
+    torch.testing.assert_close(model(**cut).loss_terms["cross_view_loss"], expected_cut)
+    # a batch without any same-document pair: the term is 0, not NaN, and training goes on
+    none = model(**dict(batch, same_document=torch.zeros(4, dtype=torch.bool)))
+    assert none.loss_terms["cross_view_loss"].item() == 0.0 and torch.isfinite(none.loss)
+
+
+def test_without_token_terms_the_predictor_is_skipped_and_all_off_is_an_error():
+    model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0)
+    batch, _ = view_batch(batch=2, length=32)
+    out = model(**batch)
+    assert out.predictions is None and set(out.loss_terms) == {"sentence_loss"}
+    off = make_model(token_loss_weight=0.0, sentence_loss_weight=0.0)
+    with pytest.raises(ValueError, match="every loss term is off"):
+        off(**batch)
+    with pytest.raises(Exception, match="span_loss_weight"):
+        TextJepaConfig(**tiny_config_kwargs(span_loss_weight=-1.0))
+
+
+def test_concept_losses_are_deterministic_under_a_seed():
+    kwargs = dict(span_loss_weight=1.0, cross_view_loss_weight=1.0, pooled_reg="sigreg", pooled_reg_weight=0.1)
+    batch, _ = view_batch(batch=4, length=32)
+    losses = []
+    for _ in range(2):
+        model = make_model(seed=3, **kwargs)
+        torch.manual_seed(7)
+        losses.append(model(**batch).loss.item())
+    assert losses[0] == losses[1]
+
+
+def test_document_halves_segments_and_positions():
+    from textjepa.masking import document_half_segments
+
+    ids = torch.tensor([[5, 6, 7, SEP, 8, 9, SEP, 4, 4, 4, 4, 4],
+                        [SEP, 5, 5, 5, 5, SEP, 3, 3, 3, 3, 3, 3]]).numpy()
+    segments, positions = document_half_segments(ids, SEP)
+    assert segments.tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 4, 4, 5, 5], [0, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5]]
+    assert positions.tolist() == [[0, 1, 0, 1, 0, 1, 0, 0, 1, 2, 0, 1], [0, 0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2]]
+
+
+def document_batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    blocks = torch.randint(3, 97, (3, 32), generator=generator)
+    blocks[0, 11], blocks[1, 20], blocks[1, 25] = SEP, SEP, SEP
+    config = MaskingConfig(target_ratio=0.25, num_spans=2, views="document_halves", separator_token_id=SEP,
+                           special_token_ids=(0, 1, SEP))
+    return SpanMaskCollator(config, seed=seed)([{"input_ids": row} for row in blocks])
+
+
+def test_document_halves_keep_segments_apart_and_pair_the_halves():
+    model = make_model(cross_view_loss_weight=1.0, sentence_loss_weight=1.0, span_loss_weight=1.0,
+                       bottleneck_loss_weight=1.0, pooled_reg="vicreg", pooled_reg_weight=0.1)
+    batch = document_batch()
+    assert batch["segment_ids"].shape == batch["position_ids"].shape == (3, 32)
+    # the teacher reads each segment as a text of its own: the same numbers as encoding it alone
+    segment = batch["segment_ids"][1] == 2  # second document piece of row 1, first half
+    alone = model.teacher(batch["input_ids"][1:2, segment]).last_hidden_state.mean(dim=1)
+    _, pooled = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
+                                      position_ids=batch["position_ids"])
+    torch.testing.assert_close(pooled[1, 2], alone[0], rtol=1e-5, atol=1e-5)
+    out = model(**batch)
+    assert set(out.loss_terms) == {"token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss",
+                                   "pooled_reg"}
+    assert all(torch.isfinite(v) for v in out.loss_terms.values())
+    out.loss.backward()
+    assert model.view_predictor[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.teacher.parameters())
+    # a change inside one segment moves no other segment's teacher embedding
+    changed = batch["input_ids"].clone()
+    changed[1, segment] = 50
+    _, pooled_changed = model.compute_targets(changed, return_sentence=True, segment_ids=batch["segment_ids"],
+                                              position_ids=batch["position_ids"])
+    others = torch.ones(pooled.shape[:2], dtype=torch.bool)
+    others[1, 2] = False
+    torch.testing.assert_close(pooled_changed[others], pooled[others])
+    assert not torch.allclose(pooled_changed[1, 2], pooled[1, 2])

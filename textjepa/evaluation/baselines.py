@@ -1,0 +1,112 @@
+"""Lexical baselines, scored exactly like an encoder column (same splits, probe, metrics, intervals).
+
+TF-IDF:  scikit-learn TfidfVectorizer(word uni+bigrams, sublinear tf, min_df 2), fitted on the train
+         split's texts (both sentences of a pair), L2-normalised rows. Probe tasks: the same
+         logistic-regression / ridge probe as the encoders (glue.fit_probe), pairs as [u, v, |u-v|, u*v].
+         Zero-shot STS: cosine of the two sentences' vectors. Retrieval: cosine, fitted on the corpus
+         with min_df 1.
+BM25:    bm25s (Lucene's BM25 variant, k1 0.9, b 0.4 as Anserini/Pyserini) over the whole corpus;
+         tokenisation: lower-case, scikit-learn's word pattern (?u)\\b\\w\\w+\\b, bm25s' English stop
+         words, no stemming. Retrieval only.
+"""
+
+import time
+
+import numpy as np
+
+from textjepa.evaluation.glue import fit_probe
+from textjepa.evaluation.retrieval import retrieval_result
+from textjepa.evaluation.sts import check_sts_task, sts_result
+from textjepa.evaluation.tasks import texts_of
+
+BASELINES = ("tfidf", "bm25")
+COLUMN_NAMES = {"tfidf": "TF-IDF", "bm25": "BM25"}
+TFIDF_SETTINGS = dict(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+BM25_SETTINGS = dict(method="lucene", k1=0.9, b=0.4)
+BM25_TOKENS = dict(lower=True, token_pattern=r"(?u)\b\w\w+\b", stopwords="english")
+
+
+def _tfidf(texts, **overrides):
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    return TfidfVectorizer(**(TFIDF_SETTINGS | overrides)).fit(texts)
+
+
+def _train_vectorizer(spec):
+    s1, s2 = texts_of(spec, "train")
+    return _tfidf(s1 + (s2 or []))
+
+
+def tfidf_probe(spec):
+    """The encoders' probe on TF-IDF features fitted on the train split."""
+    import scipy.sparse
+
+    start = time.time()
+    vectorizer = _train_vectorizer(spec)
+    features = {}
+    for split in spec.splits:
+        s1, s2 = texts_of(spec, split)
+        u = vectorizer.transform(s1)
+        if s2 is None:
+            features[split] = u
+        else:
+            v = vectorizer.transform(s2)
+            features[split] = scipy.sparse.hstack([u, v, abs(u - v), u.multiply(v)]).tocsr()
+    results = fit_probe(features, spec, COLUMN_NAMES["tfidf"])
+    results["seconds"] = time.time() - start
+    return results
+
+
+def tfidf_sts(spec, split):
+    """Zero-shot STS: cosine of TF-IDF vectors (IDF from the train split's sentences)."""
+    check_sts_task(spec, split)
+    start = time.time()
+    vectorizer = _train_vectorizer(spec)
+    s1, s2 = texts_of(spec, split)
+    cosine = np.asarray(vectorizer.transform(s1).multiply(vectorizer.transform(s2)).sum(axis=1)).ravel()
+    return sts_result(spec, split, cosine, COLUMN_NAMES["tfidf"], start)
+
+
+def tfidf_retrieval(corpus, queries, qrels_by_split, k=100, name="", query_chunk=256):
+    """Cosine of TF-IDF vectors (fitted on the corpus, min_df 1: a word of one document is the strongest
+    evidence a query can give) over the whole corpus."""
+    start = time.time()
+    doc_ids = list(corpus)
+    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
+    vectorizer = _tfidf([corpus[d] for d in doc_ids], min_df=1)
+    documents = vectorizer.transform([corpus[d] for d in doc_ids]).T.tocsr()  # (V, N)
+    query_vectors = vectorizer.transform([queries[q] for q in query_ids])
+    rankings = {}
+    for q0 in range(0, len(query_ids), query_chunk):
+        scores = (query_vectors[q0:q0 + query_chunk] @ documents).toarray()  # (q, N)
+        top = _top_k(scores, k)
+        rankings.update({query_ids[q0 + r]: [doc_ids[i] for i in row] for r, row in enumerate(top)})
+    return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["tfidf"], name, start)
+
+
+def _top_k(scores, k):
+    """(q, N) scores -> (q, k) column indices, best first (ties by lower index)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def bm25_retrieval(corpus, queries, qrels_by_split, k=100, name=""):
+    """BM25 (bm25s) over the whole corpus; settings and tokenisation in the module docstring."""
+    try:
+        import bm25s
+    except ImportError as error:
+        raise ImportError("--baseline bm25 needs the bm25s package: pip install bm25s") from error
+    start = time.time()
+    doc_ids = list(corpus)
+    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
+    retriever = bm25s.BM25(**BM25_SETTINGS)
+    def tokenize(texts):
+        return bm25s.tokenize(texts, show_progress=False, return_ids=False, **BM25_TOKENS)
+
+    retriever.index(tokenize([corpus[d] for d in doc_ids]), show_progress=False)
+    top, _ = retriever.retrieve(tokenize([queries[q] for q in query_ids]), k=min(k, len(doc_ids)),
+                                show_progress=False, n_threads=1)
+    rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top.tolist())}
+    return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["bm25"], name, start)
