@@ -456,7 +456,7 @@ def test_bad_inputs_name_the_file_and_problem(data_dir, tmp_path, tokenizer_dir)
     no_weights = tmp_path / "no_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 32}))
-    with pytest.raises(ValueError, match=r"no_weights: AutoModel\.from_pretrained could not load an encoder"):
+    with pytest.raises(FileNotFoundError, match=r"no_weights: no model weights; expected model\.safetensors"):
         SentenceEncoder(no_weights)
 
 

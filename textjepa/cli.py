@@ -6,10 +6,15 @@
     textjepa evaluate ...          -> textjepa.evaluation.suite.main
     textjepa glue ...              -> textjepa.evaluation.glue.main
     textjepa whiten ...            -> textjepa.evaluation.whitening.main
+
+A failure ends with one line on stderr naming the file or key and what was expected, and a non-zero
+exit code; `--debug` (anywhere on the command line) or TEXTJEPA_DEBUG=1 prints the traceback too.
 """
 
 import importlib
+import os
 import sys
+import traceback
 
 # command -> (module, function). Imports are lazy so `textjepa --help` stays instant.
 COMMANDS = {
@@ -32,9 +37,39 @@ def main(argv=None):
         print(f"textjepa: unknown command {command!r}; expected one of {sorted(COMMANDS)}", file=sys.stderr)
         return 2
     module_name, function_name = COMMANDS[command]
-    function = getattr(importlib.import_module(module_name), function_name)
-    result = function(rest)
-    return int(result or 0)
+    return run(f"textjepa {command}", lambda args: getattr(importlib.import_module(module_name), function_name)(args),
+               rest)
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: our own and the builtin errors carry a message that names the file or
+    key; a library's error keeps its type name so that it can be looked up."""
+    text = str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
+    text = " ".join(line.strip() for line in text.splitlines() if line.strip()) or repr(err)
+    if len(text) > 600:  # the name comes first; a library's list of every mismatch does not help
+        text = text[:600] + " ..."
+    module = type(err).__module__
+    if module == "builtins" or module.startswith("textjepa"):
+        return text
+    return f"{type(err).__name__}: {text}"
+
+
+def run(prog: str, function, argv) -> int:
+    """Call `function(argv)`; turn any exception into one line `prog: message` and exit code 1."""
+    argv = list(argv)
+    debug = "--debug" in argv or os.environ.get("TEXTJEPA_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return int(function(argv) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the one place every command's failure is reported
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (run with --debug for the traceback)"
+        print(f"{prog}: {one_line(err)}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

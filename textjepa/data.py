@@ -163,7 +163,7 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
     import datasets
 
     groups = {}  # builder -> list of files, in the order given
-    parts = []
+    parts, names = [], []
     for source in _as_list(sources):
         if _is_local(source):
             for f in _expand_local(source):
@@ -175,13 +175,29 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
             name, _, config = source.partition(":")
             ds = datasets.load_dataset(name, config or None, split="train", streaming=streaming, cache_dir=cache_dir)
             parts.append(_select_text(ds, text_column, where=f"hub dataset {source!r}"))
+            names.append(f"hub dataset {source!r}")
     for builder, files in groups.items():
-        parts.append(_load_group(builder, files, text_column, txt_mode, streaming, cache_dir, encoding_errors))
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if empty:
+            raise ValueError(f"{empty[0]}: the file is empty; expected {builder} data with a text column")
+        try:
+            parts.append(_load_group(builder, files, text_column, txt_mode, streaming, cache_dir, encoding_errors))
+        except datasets.exceptions.DatasetGenerationError as err:
+            cause = err.__cause__ or err
+            raise ValueError(f"{files[0] if len(files) == 1 else files}: cannot be read as {builder} data "
+                             f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from err
+        names.append(f"{files[:3]}{' ...' if len(files) > 3 else ''}")
 
-    # every part's "text" must be a string column before concatenation (csv may infer numbers)
+    # every part's "text" must be a string column before concatenation (csv/json may infer numbers):
+    # the numbers become documents, counted and reported
     if not streaming:
-        parts = [p.cast_column("text", datasets.Value("string")) if p.features["text"] != datasets.Value("string")
-                 else p for p in parts]
+        for i, (part, name) in enumerate(zip(parts, names)):
+            if part.features["text"] != datasets.Value("string"):
+                non_null = sum(1 for v in part["text"] if v is not None)
+                logger.warning("%s: %d of %d %r values are numbers (%s), not strings; they are kept as "
+                               "documents of their decimal text", name, non_null, len(part), text_column,
+                               part.features["text"].dtype)
+                parts[i] = part.cast_column("text", datasets.Value("string"))
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     if streaming:
@@ -204,13 +220,19 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     path = os.fspath(path)
+    if not os.path.exists(path) and (path.count("/") > 1 or path.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ValueError(f"tokenizer path {path!r} is a file; expected a directory with tokenizer.json")
     if os.path.isdir(path) and not any(
         os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")
     ):
         raise FileNotFoundError(f"{path!r} holds no tokenizer files (tokenizer.json, vocab.txt, ...)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # a hub name that cannot be reached / does not exist
+        raise FileNotFoundError(f"tokenizer {path!r}: neither a local directory nor a loadable hub tokenizer "
+                                f"({str(err).splitlines()[0]})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{path!r} loaded a slow tokenizer ({type(tokenizer).__name__}); expected a fast one")
     return tokenizer
@@ -332,5 +354,12 @@ def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text
     train = pack_dataset(train_docs, tokenizer, block_size, num_proc, streaming, desc="train: tokenize+pack")
     valid = None
     if valid_docs is not None:
-        valid = pack_dataset(valid_docs, tokenizer, block_size, num_proc, streaming, desc="valid: tokenize+pack")
+        try:
+            valid = pack_dataset(valid_docs, tokenizer, block_size, num_proc, streaming, desc="valid: tokenize+pack")
+        except ValueError as err:
+            if validation_files:
+                raise
+            raise ValueError(f"{err}; the validation split is validation_fraction={validation_fraction} of the "
+                             "documents: raise data.validation_fraction (or set it to 0 for no validation split)"
+                             ) from None
     return train, valid

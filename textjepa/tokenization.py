@@ -103,6 +103,10 @@ def train_tokenizer(sources, vocab_size, model="unigram", output_dir=None, text_
     tokenizer.train_from_iterator(iter_text_batches(docs), trainer=trainer, length=None)
     logger.info("trained %s tokenizer (vocab %d) on %d documents in %.1fs", model, tokenizer.get_vocab_size(),
                 len(docs), time.perf_counter() - start)
+    if tokenizer.get_vocab_size() < vocab_size:
+        logger.warning("asked for vocab_size=%d but the corpus yields only %d tokens (%s, %d documents): the "
+                       "tokenizer is smaller than asked; a larger vocabulary needs more text", vocab_size,
+                       tokenizer.get_vocab_size(), model, len(docs))
     ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
     if None in ids.values():
         raise RuntimeError(f"trained tokenizer lost special tokens: {ids}")

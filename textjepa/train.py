@@ -63,5 +63,7 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m textjepa.train / accelerate launch -m textjepa.train
+    from textjepa.cli import run
+
+    sys.exit(run("textjepa train", main, sys.argv[1:]))

@@ -110,9 +110,13 @@ def _transformer_dir(model_dir):
     return model_dir
 
 
-def load_encoder(model_name_or_path, device=None):
-    """AutoModel + AutoTokenizer with errors that say which directory is wrong and how."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_model_dir(model_name_or_path) -> str:
+    """The directory to load (a sentence-transformers folder's transformer subfolder), or a hub name;
+    raises naming the directory when it does not exist or lacks config.json / weights."""
+    from transformers import AutoConfig
 
     path = str(model_name_or_path)
     if os.path.isdir(path):
@@ -120,8 +124,25 @@ def load_encoder(model_name_or_path, device=None):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise ValueError(f"{path}: no config.json; not a transformers model directory "
                              "(expected the output of save_pretrained / textjepa export)")
-    elif os.path.sep in path or path.startswith("."):
+        if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+            raise FileNotFoundError(f"{path}: no model weights; expected model.safetensors "
+                                    "(the output of save_pretrained / textjepa export)")
+        return path
+    if os.path.sep in path.rstrip(os.path.sep) and path.count("/") != 1 or path.startswith((".", "~")):
         raise FileNotFoundError(f"{path}: model directory does not exist")
+    try:  # a hub name: one clear line when it cannot be reached or does not exist
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(f"{path}: neither a local model directory nor a loadable hub model "
+                                f"({str(error).splitlines()[0]})") from None
+    return path
+
+
+def load_encoder(model_name_or_path, device=None):
+    """AutoModel + AutoTokenizer with errors that say which directory is wrong and how."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    path = check_model_dir(model_name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as error:  # a broken config.json, an unknown model_type, ...

@@ -114,13 +114,13 @@ def finetune(model_name_or_path, spec, args):
     from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
                               get_scheduler)
 
-    from textjepa.evaluation.embedding import _transformer_dir
+    from textjepa.evaluation.embedding import check_model_dir
 
     start = time.time()
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision)
     set_seed(args.seed)
-    path = _transformer_dir(str(model_name_or_path)) if os.path.isdir(str(model_name_or_path)) else model_name_or_path
+    path = check_model_dir(model_name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
         tokenizer.pad_token = tokenizer.eos_token

@@ -52,7 +52,7 @@ def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
     trained_dir = output_dir / "tokenizer"
     if (trained_dir / "tokenizer.json").is_file():  # trained by an earlier session of this run
         tokenizer = load_tokenizer(trained_dir)
-        if len(tokenizer) != data.vocab_size:
+        if len(tokenizer) > data.vocab_size:  # fewer: the corpus could not fill data.vocab_size (warned then)
             raise ValueError(f"{trained_dir} has {len(tokenizer)} tokens but data.vocab_size is {data.vocab_size}; "
                              "delete it (or use --set train.overwrite=true) to train a new one")
         return tokenizer

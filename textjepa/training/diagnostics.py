@@ -10,11 +10,14 @@ loss can still look healthy.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def effective_rank(embeddings: torch.Tensor, eps: float = 1e-7) -> float:
@@ -56,20 +59,39 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, allow_nan=True) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record, allow_nan=True) + "\n")
+        except OSError as err:
+            raise OSError(err.errno, f"{self.path}: cannot append the metrics record ({err.strerror})") from err
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop records logged after the checkpoint's step (they will be logged again)."""
+        """On resume: drop records logged after the checkpoint's step (they will be logged again), and
+        any torn line (a crash or a full disk mid-write), with a warning. Rewritten atomically."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        os.replace(tmp, self.path)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines log; lines that do not parse (a torn last line) are dropped with a
+    warning naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            logger.warning("%s:%d: dropped a torn or invalid record (%.40r)", path, number, line)
+            continue
+        records.append(record)
+    return records

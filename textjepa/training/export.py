@@ -12,10 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
 import torch
+
+from .checkpoint import fsync_tree
+from .process import fault_point
+
+
+class ExportError(ValueError):
+    """The checkpoint cannot be exported (non-finite weights, missing or mismatched files); names the path."""
 
 
 def _export_mlm_encoder(mlm_model, output_dir: Path) -> None:
@@ -73,17 +82,48 @@ embedding = (states * mask).sum(1) / mask.sum(1)             # mean pooling
 """
 
 
+def check_finite(model, where) -> None:
+    """Refuse to export NaN/Inf weights (a diverged run), naming the first bad tensor."""
+    tensors = list(model.state_dict().items())
+    if hasattr(model, "teacher_state_dict"):  # the EMA teacher lives outside state_dict (JEPA)
+        tensors += [(f"teacher.{k}", v) for k, v in model.teacher_state_dict().items()]
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise ExportError(f"{where}: {len(bad)} of {len(tensors)} tensors hold NaN/Inf (first: {bad[0]}); "
+                          "the run diverged: export an earlier checkpoint")
+
+
 def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", trainer_state=None) -> Path:
     """Write the encoder, the tokenizer and README.md into output_dir (model: the unwrapped
-    TextJepaForPreTraining or RobertaForMaskedLM)."""
+    TextJepaForPreTraining or RobertaForMaskedLM). Written into `.tmp-export-<name>` beside it and then
+    renamed, so output_dir always holds one whole export (a previous one is replaced)."""
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    check_finite(model, f"{output_dir}: the model to export")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ExportError(f"{output_dir}: exists and is a file; expected a directory to export into")
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / "config.json").is_file():
+        raise ExportError(f"{output_dir}: exists and holds files that are not an export; pick an empty or new "
+                          "directory")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = output_dir.parent / f".tmp-export-{output_dir.name}"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
     if recipe.objective == "jepa":
-        model.export_encoder(str(output_dir), which=which)
+        model.export_encoder(str(tmp_dir), which=which)
     else:
-        _export_mlm_encoder(model, output_dir)
-    tokenizer.save_pretrained(str(output_dir))
-    (output_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
+        _export_mlm_encoder(model, tmp_dir)
+    fault_point("export", trainer_state.step if trainer_state is not None else -1)
+    tokenizer.save_pretrained(str(tmp_dir))
+    (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
+    fsync_tree(tmp_dir)
+    if output_dir.exists():  # a previous export: swap it out, then delete it
+        old = output_dir.parent / f".tmp-export-old-{output_dir.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output_dir, old)
+        os.replace(tmp_dir, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, output_dir)
     return output_dir
 
 
@@ -97,30 +137,50 @@ def load_checkpoint_model(checkpoint_dir):
     from .loop import TEACHER_FILE, TrainerState
     from .recipe import load_recipe
 
+    from .checkpoint import verify_checkpoint
+
     checkpoint_dir = Path(checkpoint_dir)
     if not (checkpoint_dir / "trainer_state.json").is_file():
         raise FileNotFoundError(f"{checkpoint_dir}: not a complete textjepa checkpoint (no trainer_state.json)")
     recipe = load_recipe(checkpoint_dir / "recipe.yaml")
+    problem = verify_checkpoint(checkpoint_dir, TEACHER_FILE if recipe.objective == "jepa" else None)
+    if problem and "optimizer" not in problem:  # export needs the weights, not the optimizer state
+        raise ExportError(problem)
+    try:
+        saved_state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
+        state = TrainerState(**{k: v for k, v in saved_state.items() if k in TrainerState.__dataclass_fields__})
+    except (ValueError, TypeError) as err:
+        raise ExportError(f"{checkpoint_dir / 'trainer_state.json'}: expected the JSON object a checkpoint "
+                          f"writes ({err})") from None
     tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
     model = build_model(recipe, tokenizer)
     weights = load_file(str(checkpoint_dir / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # size mismatches: the first one is enough to name the problem
+        detail = next((line.strip() for line in str(err).split(". ") if "size mismatch" in line), str(err)[:200])
+        raise ExportError(f"{checkpoint_dir}/model.safetensors does not match the recipe's model in "
+                          f"{checkpoint_dir}/recipe.yaml ({detail})") from None
     # safetensors drops tied copies (MLM decoder weight = word embeddings): only those may be missing
     tied = set(getattr(model, "_tied_weights_keys", None) or {})
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
-        raise RuntimeError(f"{checkpoint_dir}/model.safetensors does not match the recipe's model: "
+        raise ExportError(f"{checkpoint_dir}/model.safetensors does not match the recipe's model: "
                            f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     if recipe.objective == "jepa":
-        model.load_teacher_state_dict(load_file(str(checkpoint_dir / TEACHER_FILE)))
-    state = TrainerState(**json.loads((checkpoint_dir / "trainer_state.json").read_text()))
+        try:
+            model.load_teacher_state_dict(load_file(str(checkpoint_dir / TEACHER_FILE)))
+        except RuntimeError as err:
+            raise ExportError(f"{checkpoint_dir / TEACHER_FILE} does not match the recipe's model "
+                              f"({str(err).splitlines()[0]})") from None
     return recipe, model, tokenizer, state
 
 
 def export_checkpoint(checkpoint_dir, output_dir, which: str = "teacher") -> Path:
     recipe, model, tokenizer, state = load_checkpoint_model(checkpoint_dir)
+    check_finite(model, checkpoint_dir)
     return export_model(model, recipe, tokenizer, output_dir, which=which, trainer_state=state)
 
 

@@ -10,8 +10,11 @@ so that every process takes the same stop decisions (NaN guard, collapse guard, 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -25,6 +28,7 @@ from . import schedules
 from .batches import JepaBatchMaker, MicroBatches, MlmBatchMaker, load_blocks, probe_blocks, resolve_tokenizer
 from .build import build_model, build_optimizer, encoder_of
 from .diagnostics import JsonlLog, check_guards, effective_rank
+from .process import RunLock, RunLocked, die_with_launcher, fault_point
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +42,33 @@ class TrainingStopped(RuntimeError):
     def __init__(self, message: str, checkpoint: Path | None):
         super().__init__(message + (f" (state saved in {checkpoint})" if checkpoint else ""))
         self.checkpoint = checkpoint
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no checkpoint could be loaded; the message names the path."""
+
+
+def _weights_finite(unwrapped) -> bool:
+    """True when every parameter (student, predictor, teacher) is finite."""
+    tensors = list(unwrapped.parameters()) + [b for b in unwrapped.buffers() if b.is_floating_point()]
+    if hasattr(unwrapped, "teacher_state_dict"):  # the EMA teacher is not a registered submodule
+        tensors += list(unwrapped.teacher_state_dict().values())
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _describe_write_error(err: Exception, path: Path) -> str:
+    """One line for a failed write; a full disk says so whatever the library's wording
+    (torch.save: 'basic_ios::clear: iostream error', safetensors: 'os error 28')."""
+    text = str(err)
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or "os error 28" in text
+    if not full:
+        try:
+            full = shutil.disk_usage(path if path.exists() else path.parent).free < (1 << 20)
+        except OSError:
+            pass
+    if full:
+        return f"{path}: No space left on device while writing the checkpoint; free space and run again with --resume"
+    return f"{path}: writing the checkpoint failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 @dataclass
@@ -105,31 +136,44 @@ def probe_effective_rank(model, probe_ids: torch.Tensor, device, chunk: int = 64
     return effective_rank(torch.cat(pooled))
 
 
-def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer) -> Path:
-    """All processes call this. Written into a tmp dir, committed by an atomic rename (see checkpoint.py)."""
+def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer,
+                    diverged: bool = False) -> Path:
+    """All processes call this. Written into a tmp dir, committed by an atomic rename (see checkpoint.py).
+    diverged: the state holds NaN/Inf (the NaN guard fired); it goes to checkpoint-<step>-diverged, apart
+    from the resumable checkpoints, and nothing is pruned."""
     from safetensors.torch import save_file
 
-    tmp_dir = ckpt.tmp_checkpoint_dir(output_dir, state.step)
-    final_dir = output_dir / ckpt.checkpoint_name(state.step)
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
-    accelerator.save_state(str(tmp_dir))
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if recipe.objective == "jepa":
-            teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
-            save_file(teacher, str(tmp_dir / TEACHER_FILE))
-        unwrapped.config.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
-        recipe.save(tmp_dir / "recipe.yaml")
-        _write_trainer_state(tmp_dir, state)
+    suffix = ckpt.DIVERGED_SUFFIX if diverged else ""
+    tmp_dir = ckpt.tmp_checkpoint_dir(output_dir, state.step, suffix)
+    final_dir = output_dir / (ckpt.checkpoint_name(state.step) + suffix)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
+        accelerator.save_state(str(tmp_dir))
+        fault_point("save", state.step)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            if recipe.objective == "jepa":
+                teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
+                save_file(teacher, str(tmp_dir / TEACHER_FILE))
+            unwrapped.config.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
+            recipe.save(tmp_dir / "recipe.yaml")
+            _write_trainer_state(tmp_dir, state)
+    except Exception as err:
+        message = _describe_write_error(err, tmp_dir)  # before freeing the space the torn save took
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise CheckpointError(message) from err
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         ckpt.commit_checkpoint(tmp_dir, final_dir)
-        ckpt.prune_checkpoints(output_dir, recipe.train.keep_last)
+        fault_point("prune", state.step)
+        if not diverged:
+            ckpt.prune_checkpoints(output_dir, recipe.train.keep_last)
     accelerator.wait_for_everyone()
     return final_dir
 
@@ -142,15 +186,34 @@ def _write_trainer_state(directory: Path, state: TrainerState) -> None:
         os.fsync(f.fileno())
 
 
+def _check_random_states(checkpoint_dir: Path, process_index: int) -> None:
+    """accelerate skips a missing/unreadable RNG file with an INFO line; say it out loud."""
+    path = checkpoint_dir / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        problem = "is missing"
+    else:
+        try:
+            states = torch.load(path, weights_only=False)
+            problem = None if isinstance(states, dict) and "torch_manual_seed" in states else "holds no RNG states"
+        except Exception as err:
+            problem = f"is unreadable ({type(err).__name__})"
+    if problem:
+        logger.warning("%s %s: the random number streams (dropout) restart from the seed, so this resume is "
+                       "no longer bit-exact", path, problem)
+
+
 def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> TrainerState:
     from safetensors.torch import load_file
 
+    _check_random_states(checkpoint_dir, accelerator.process_index)
     accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
     if recipe.objective == "jepa":
-        teacher = load_file(str(checkpoint_dir / TEACHER_FILE), device=str(accelerator.device))
+        # load on the CPU: load_state_dict copies onto the teacher's device ("cpu:0" is no safetensors device)
+        teacher = load_file(str(checkpoint_dir / TEACHER_FILE))
         accelerator.unwrap_model(model).load_teacher_state_dict(teacher)
     saved = json.loads((checkpoint_dir / ckpt.COMPLETE_MARKER).read_text())
-    state = TrainerState(**saved)
+    known = set(TrainerState.__dataclass_fields__)
+    state = TrainerState(**{k: v for k, v in saved.items() if k in known})
     if state.world_size != accelerator.num_processes:
         logger.warning("%s was saved by %d processes, resuming with %d: the data order and RNG streams "
                        "change, resume is no longer exact", checkpoint_dir, state.world_size,
@@ -173,19 +236,71 @@ def _update_teacher(accelerator, model, momentum: float) -> None:
 def train(recipe, resume: bool = False, model=None, announce=print) -> dict:
     """Run (or resume) the recipe; returns a summary dict. `model` replaces the recipe's freshly built
     model (same objective), e.g. to start from pretrained weights. Raises TrainingStopped when a guard
-    fires (after saving a checkpoint)."""
+    fires (after saving a checkpoint), RunLocked when another run holds train.output_dir."""
     threads_before = torch.get_num_threads()
-    try:
-        return _train(recipe, resume, model, announce)
-    finally:
-        torch.set_num_threads(threads_before)  # train.threads is for this run only
-        _reset_accelerate_state()
+    with contextlib.ExitStack() as cleanup:
+        try:
+            return _train(recipe, resume, model, announce, cleanup)
+        finally:
+            torch.set_num_threads(threads_before)  # train.threads is for this run only
+            _reset_accelerate_state()
 
 
-def _train(recipe, resume, model, announce):
+def _lock_output_dir(accelerator, output_dir: Path, cleanup) -> None:
+    """The main process takes the output_dir lock; every process fails together when it is held."""
+    problem = None
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cleanup.callback(RunLock(output_dir).acquire().release)
+        except RunLocked as err:
+            problem = str(err)
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor([float(problem is not None)], device=accelerator.device), "sum")
+        if problem is None and float(flag[0]) > 0:
+            problem = f"{output_dir}: locked by another textjepa run (see the main process's message)"
+    if problem:
+        raise RunLocked(problem)
+
+
+def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[TrainerState | None, Path | None]:
+    """Load the newest checkpoint that verifies and loads; newer broken ones are then set aside as
+    checkpoint-<step>-corrupt (kept, never resumed) with a warning. (None, None) when there is no
+    checkpoint; CheckpointError, with nothing moved, when none of them loads."""
+    teacher_file = TEACHER_FILE if recipe.objective == "jepa" else None
+    failures = []  # (checkpoint, one line naming the bad file)
+    for candidate in reversed(ckpt.list_checkpoints(output_dir)):
+        problems = [ckpt.verify_checkpoint(candidate, teacher_file)]
+        if accelerator.num_processes > 1:  # every process must pick the same checkpoint
+            from accelerate.utils import gather_object
+
+            problems = gather_object(problems)
+        problem = next((p for p in problems if p), None)
+        if problem is None:
+            try:
+                state = load_checkpoint(accelerator, model, candidate, recipe)
+            except Exception as err:  # verified, yet a library refused it: name it and go on
+                problem = f"{candidate}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
+        if problem is None:
+            accelerator.wait_for_everyone()
+            for bad, reason in failures if accelerator.is_main_process else []:
+                moved = ckpt.set_aside(bad, ckpt.CORRUPT_SUFFIX)
+                logger.warning("%s; set aside as %s, falling back to the previous checkpoint %s",
+                               reason, moved.name, candidate.name)
+            accelerator.wait_for_everyone()
+            return state, candidate
+        failures.append((candidate, problem))
+    if failures:
+        raise CheckpointError(f"{output_dir}: no loadable checkpoint; " + "; ".join(r for _, r in failures)
+                              + " (move them away, or start over with --set train.overwrite=true)")
+    return None, None
+
+
+def _train(recipe, resume, model, announce, cleanup):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    die_with_launcher()
     t, o, log_cfg = recipe.train, recipe.optim, recipe.log
     if t.threads:
         torch.set_num_threads(t.threads)
@@ -193,6 +308,7 @@ def _train(recipe, resume, model, announce):
     is_main = accelerator.is_main_process
     say = announce if is_main else (lambda *a, **k: None)
     output_dir = Path(t.output_dir)
+    _lock_output_dir(accelerator, output_dir, cleanup)
     existing = ckpt.list_checkpoints(output_dir)
     if existing and not resume:
         if not t.overwrite:
@@ -201,7 +317,7 @@ def _train(recipe, resume, model, announce):
                                   "train.output_dir")
         accelerator.wait_for_everyone()
         if is_main:
-            for path in existing + [output_dir / "tokenizer", output_dir / "export"]:
+            for path in existing + ckpt.list_diverged(output_dir) + [output_dir / "tokenizer", output_dir / "export"]:
                 shutil.rmtree(path, ignore_errors=True)
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -248,15 +364,21 @@ def _train(recipe, resume, model, announce):
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
 
-    state = TrainerState(world_size=accelerator.num_processes)
-    latest = ckpt.latest_checkpoint(output_dir) if resume else None
+    state, latest = _resume_point(accelerator, model, output_dir, recipe) if resume else (None, None)
+    diverged = [p for p in ckpt.list_diverged(output_dir)
+                if latest is None or int(p.name.split("-")[1]) > int(latest.name.split("-")[1])]
     if latest is not None:
-        state = load_checkpoint(accelerator, model, latest, recipe)
-        say(f"resumed from {latest} at step {state.step}")
-    elif recipe.objective == "jepa":
-        _update_teacher(accelerator, model, 0.0)  # teacher := the (broadcast) student
-    elif resume:
-        say(f"--resume: no checkpoint in {output_dir}; starting from scratch")
+        say(f"resumed from {latest} at step {state.step}"
+            + (f" (the last finite checkpoint; {diverged[-1].name}, saved when the run diverged, is kept for "
+               "inspection and skipped)" if diverged else ""))
+    else:
+        state = TrainerState(world_size=accelerator.num_processes)
+        if resume:
+            say(f"--resume: no checkpoint to resume from in {output_dir}"
+                + (f" ({diverged[-1].name} holds a diverged state and is skipped)" if diverged else "")
+                + "; starting from scratch")
+        if recipe.objective == "jepa":
+            _update_teacher(accelerator, model, 0.0)  # teacher := the (broadcast) student
 
     metrics_log = JsonlLog(output_dir / METRICS_FILE) if is_main and "jsonl" in log_cfg.trackers else None
     if metrics_log is not None:
@@ -310,6 +432,7 @@ def _train(recipe, resume, model, announce):
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            fault_point("step", step)
             figures = {"loss": out.loss}
             if recipe.objective == "jepa":
                 figures.update(target_std=out.target_std, prediction_std=out.prediction_std, **out.loss_terms)
@@ -369,10 +492,14 @@ def _train(recipe, resume, model, announce):
         stop_reason = check_guards(state.step, metrics,
                                    guard_active=recipe.objective == "jepa" and state.step > guard_after,
                                    min_std=log_cfg.min_std, min_rank=log_cfg.min_rank)
+        is_save_step = state.step % t.save_every == 0 and state.step < t.max_steps
+        if not stop_reason and (is_save_step or session_ends) and not _weights_finite(unwrapped):
+            # a finite loss computed before the update does not prove the updated weights finite
+            stop_reason = f"step {state.step}: the weights hold NaN/Inf after the optimizer step; stopping"
         if stop_reason:
             state.last_metrics = metrics
             break
-        if state.step % t.save_every == 0 and state.step < t.max_steps:
+        if is_save_step:
             state.elapsed_s = elapsed_before + time.perf_counter() - session_start
             save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer)
         if time_up:
@@ -384,8 +511,15 @@ def _train(recipe, resume, model, announce):
     progress.close()
 
     state.elapsed_s = elapsed_before + time.perf_counter() - session_start
-    last_checkpoint = save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer)
+    diverged_stop = bool(stop_reason) and (not math.isfinite(state.last_metrics.get("loss", 0.0))
+                                           or not _weights_finite(unwrapped))
+    last_checkpoint = save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer,
+                                      diverged=diverged_stop)
     if stop_reason:
+        if diverged_stop:
+            finite = ckpt.latest_checkpoint(output_dir)
+            stop_reason += (f"; the last finite checkpoint is {finite.name} (--resume restarts from it)" if finite
+                            else "; there is no finite checkpoint yet (--resume starts from scratch)")
         say(f"STOPPED: {stop_reason}\n  state saved in {last_checkpoint}")
         accelerator.end_training()
         raise TrainingStopped(stop_reason, last_checkpoint)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -286,26 +287,77 @@ def _build(cls, values: dict, where: str):
 
 def _validate(recipe: Recipe) -> None:
     """Cross-field checks that types alone cannot express."""
-    t, o, m = recipe.train, recipe.optim, recipe.model
-    positive = {"train.max_steps": t.max_steps, "train.batch_size": t.batch_size,
-                "train.grad_accum": t.grad_accum, "train.save_every": t.save_every,
-                "train.keep_last": t.keep_last, "data.block_size": recipe.data.block_size,
-                "log.every": recipe.log.every, "log.diag_every": recipe.log.diag_every,
-                "model.hidden_size": m.hidden_size, "model.num_attention_heads": m.num_attention_heads}
-    for key, value in positive.items():
-        if value <= 0:
-            raise RecipeError(f"{key}: expected a positive number, got {value}")
+    o, m = recipe.optim, recipe.model
+    if len(o.betas) != 2:
+        raise RecipeError(f"optim.betas: expected two numbers, got {o.betas}")
+    _check_bounds(recipe)  # every numeric key against its range (BOUNDS)
     if m.hidden_size % m.num_attention_heads:
         raise RecipeError(f"model.hidden_size: {m.hidden_size} is not divisible by "
                           f"model.num_attention_heads={m.num_attention_heads}")
-    if len(o.betas) != 2:
-        raise RecipeError(f"optim.betas: expected two numbers, got {o.betas}")
-    if not 0.0 < recipe.mask.target_ratio < 1.0:
-        raise RecipeError(f"mask.target_ratio: expected a number in (0, 1), got {recipe.mask.target_ratio}")
-    if not 0.0 < recipe.mask.mlm_probability < 1.0:
-        raise RecipeError(f"mask.mlm_probability: expected a number in (0, 1), got {recipe.mask.mlm_probability}")
-    if o.warmup_steps < 0:  # warmup longer than the run is allowed (short smoke runs): the LR never peaks
-        raise RecipeError(f"optim.warmup_steps: expected a number >= 0, got {o.warmup_steps}")
+    if o.min_lr > o.lr:
+        raise RecipeError(f"optim.min_lr: expected at most optim.lr={o.lr:g}, got {o.min_lr:g}")
+    e = recipe.ema
+    if e.momentum_start > e.momentum_end:
+        raise RecipeError(f"ema.momentum_start: expected at most ema.momentum_end={e.momentum_end:g} (the "
+                          f"teacher slows down over training), got {e.momentum_start:g}")
+    if m.target_num_layers is not None and m.target_num_layers > m.num_hidden_layers:
+        raise RecipeError(f"model.target_num_layers: expected at most model.num_hidden_layers="
+                          f"{m.num_hidden_layers}, got {m.target_num_layers}")
+
+
+# Every numeric recipe key and its allowed range: (low, low_inclusive, high, high_inclusive); None = unbounded.
+# A value of null (Optional keys) is not checked. NaN and Inf fail every range.
+_POSITIVE, _NON_NEGATIVE, _AT_LEAST_ONE = (0, False, None, False), (0, True, None, False), (1, True, None, False)
+_UNIT_OPEN, _UNIT_RIGHT_OPEN, _UNIT_CLOSED = (0, False, 1, False), (0, True, 1, False), (0, True, 1, True)
+BOUNDS = {
+    "model.hidden_size": _AT_LEAST_ONE, "model.num_hidden_layers": _AT_LEAST_ONE,
+    "model.num_attention_heads": _AT_LEAST_ONE, "model.intermediate_size": _AT_LEAST_ONE,
+    "model.max_position_embeddings": _AT_LEAST_ONE, "model.hidden_dropout_prob": _UNIT_RIGHT_OPEN,
+    "model.attention_probs_dropout_prob": _UNIT_RIGHT_OPEN, "model.predictor_hidden_size": _AT_LEAST_ONE,
+    "model.predictor_num_hidden_layers": _AT_LEAST_ONE, "model.predictor_num_attention_heads": _AT_LEAST_ONE,
+    "model.target_num_layers": _AT_LEAST_ONE, "model.smooth_l1_beta": _POSITIVE,
+    "model.variance_reg_weight": _NON_NEGATIVE, "model.sentence_loss_weight": _NON_NEGATIVE,
+    "model.token_loss_weight": _NON_NEGATIVE, "model.span_loss_weight": _NON_NEGATIVE,
+    "model.cross_view_loss_weight": _NON_NEGATIVE, "model.bottleneck_loss_weight": _NON_NEGATIVE,
+    "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
+    "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
+    "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
+    "mask.num_masks": _AT_LEAST_ONE, "mask.num_views": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
+    "mask.mean_span_length": (1, True, None, False), "mask.min_span_length": _AT_LEAST_ONE,
+    "mask.extra_context_drop": _UNIT_RIGHT_OPEN, "mask.mlm_probability": _UNIT_OPEN,
+    "optim.lr": _POSITIVE, "optim.min_lr": _NON_NEGATIVE, "optim.warmup_steps": _NON_NEGATIVE,
+    "optim.betas[0]": _UNIT_RIGHT_OPEN, "optim.betas[1]": _UNIT_RIGHT_OPEN, "optim.eps": _POSITIVE,
+    "optim.weight_decay": _NON_NEGATIVE, "optim.weight_decay_end": _NON_NEGATIVE, "optim.grad_clip": _NON_NEGATIVE,
+    "ema.momentum_start": _UNIT_CLOSED, "ema.momentum_end": _UNIT_CLOSED,
+    "train.max_steps": _AT_LEAST_ONE, "train.batch_size": _AT_LEAST_ONE, "train.grad_accum": _AT_LEAST_ONE,
+    "train.seed": _NON_NEGATIVE, "train.threads": _AT_LEAST_ONE, "train.save_every": _AT_LEAST_ONE,
+    "train.keep_last": _AT_LEAST_ONE, "train.export_whiten_docs": _AT_LEAST_ONE, "train.stop_after": _AT_LEAST_ONE, "train.max_minutes": _NON_NEGATIVE,
+    "log.every": _AT_LEAST_ONE, "log.diag_every": _AT_LEAST_ONE, "log.probe_size": (2, True, None, False),
+    "log.min_std": _NON_NEGATIVE, "log.min_rank": _NON_NEGATIVE, "log.guard_after": _NON_NEGATIVE,
+}
+
+
+def _range_text(low, low_in, high, high_in) -> str:
+    if high is None:
+        return f"a number {'>=' if low_in else '>'} {low}"
+    return f"a number in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def _check_bounds(recipe: Recipe) -> None:
+    values = recipe.to_dict()
+    for key, (low, low_in, high, high_in) in BOUNDS.items():
+        section, _, name = key.partition(".")
+        name, _, index = name.partition("[")
+        value = values[section][name]
+        if index and value is not None:
+            value = value[int(index.rstrip("]"))]
+        if value is None:
+            continue
+        ok = math.isfinite(value) and (value >= low if low_in else value > low)
+        if high is not None:
+            ok = ok and (value <= high if high_in else value < high)
+        if not ok:
+            raise RecipeError(f"{key}: expected {_range_text(low, low_in, high, high_in)}, got {value}")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
