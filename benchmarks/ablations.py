@@ -9,9 +9,10 @@ target normalisation, regression loss, EMA schedule), then with the sentence-lev
 Each one trains for the same number of steps on the same batches (same seed, same data order), exports
 its teacher and runs `textjepa evaluate`. --jobs runs that many variants at once, one thread each (on
 a 2-core box, 2 jobs use it fully without OpenMP contention). The script writes ablations.md /
-ablations.json: final loss and collapse diagnostics beside every suite score. A failed variant stops
-the sweep with its log; rerunning skips the variants already finished under --out (delete a
-variant's folder to redo it).
+ablations.json: final loss and collapse diagnostics beside every suite score; with --finetune each
+variant's teacher is also finetuned by benchmarks/finetune.py and a second table shows its test scores.
+A failed variant stops the sweep with its log; rerunning skips the steps already finished under --out
+(delete a variant's folder to redo it).
 """
 
 import argparse
@@ -55,7 +56,8 @@ def variant_dir(out, name):
 
 
 def variant_command(name, args, out, common):
-    """(command, log path) that trains one variant, then evaluates its exported teacher."""
+    """(command, log path) that trains one variant, evaluates its exported teacher and, with --finetune,
+    finetunes it; steps already finished under --out are left out (None: nothing left to do)."""
     run_dir = variant_dir(out, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     train = train_cmd(args.recipe, str(run_dir / "run"), common + VARIANTS[name])
@@ -63,8 +65,16 @@ def variant_command(name, args, out, common):
                 "--model", str(run_dir / "run" / "export"), "--output", str(run_dir / "suite.json")]
     if args.max_eval_examples:
         evaluate += ["--max-examples", str(args.max_eval_examples)]
-    script = " && ".join(shlex.join(cmd) for cmd in (train, evaluate))
-    return ["bash", "-c", script], run_dir / "log.txt"
+    commands = []
+    if not ((run_dir / "suite.json").exists() and (run_dir / "run" / "summary.json").exists()):
+        commands += [train, evaluate]
+    if args.finetune and not (run_dir / "finetune" / "finetune.json").exists():
+        commands.append([sys.executable, str(Path(__file__).with_name("finetune.py")), "--eval-data", args.eval_data,
+                         "--model", f"{run_dir.name}={run_dir / 'run' / 'export'}", "--out", str(run_dir / "finetune"),
+                         *shlex.split(args.finetune_args)])
+    if not commands:
+        return None
+    return ["bash", "-c", " && ".join(shlex.join(cmd) for cmd in commands)], run_dir / "log.txt"
 
 
 def collect(name, out):
@@ -72,8 +82,13 @@ def collect(name, out):
     summary = read_summary(run_dir / "run")
     suite = json.loads((run_dir / "suite.json").read_text())
     scores = {label: next(iter(per_model.values())) for label, per_model in suite_scores(suite).items()}
-    return {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
-            "scores": scores}
+    result = {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
+              "scores": scores}
+    finetune_json = run_dir / "finetune" / "finetune.json"
+    if finetune_json.exists():
+        rows = json.loads(finetune_json.read_text())["rows"]
+        result["finetune"] = {row: next(iter(per_model.values())) for row, per_model in rows.items()}
+    return result
 
 
 def table(results):
@@ -87,6 +102,17 @@ def table(results):
         cells = [f"{v:.1f}" for v in values] + [f"**{sum(values) / len(values):.1f}**"]
         lines.append(f"| {name} | {f.get('loss', float('nan')):.4f} | {f.get('target_std', float('nan')):.3f} | "
                      f"{f.get('effective_rank', float('nan')):.0f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def finetune_table(results):
+    """Finetuned test score per variant and task: score [95% interval] (validation)."""
+    rows = list(next(iter(results.values()))["finetune"])
+    lines = ["| variant | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for name, r in results.items():
+        cells = [f"{c['test']:.1f} [{c['test_interval'][0]:.1f}, {c['test_interval'][1]:.1f}] ({c['validation']:.1f})"
+                 for c in (r["finetune"][row] for row in rows)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -105,6 +131,9 @@ def main(argv=None):
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     parser.add_argument("--max-eval-examples", type=int, default=2000)
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
+    parser.add_argument("--finetune", action="store_true", help="also finetune every variant (benchmarks/finetune.py)")
+    parser.add_argument("--finetune-args", default="",
+                        help="extra benchmarks/finetune.py flags, e.g. '--epochs 2 --max-train-examples 2000'")
     args = parser.parse_args(argv)
 
     names = args.only or list(VARIANTS)
@@ -122,17 +151,18 @@ def main(argv=None):
         "log.progress_bar=false", "log.plot=false", "log.sanity_check=false"] + args.overrides
 
     started = time.time()
-    # a variant with both a summary and a suite result is done: rerunning the script resumes the sweep
-    finished = [n for n in names if (variant_dir(out, n) / "suite.json").exists()
-                and (variant_dir(out, n) / "run" / "summary.json").exists()]
-    for name in finished:
+    # steps finished under --out are skipped: rerunning the script resumes the sweep
+    steps = {name: variant_command(name, args, out, common) for name in names}
+    for name in [n for n, step in steps.items() if step is None]:
         print(f"[done before] {name}", flush=True)
-    run_concurrently({name: variant_command(name, args, out, common) for name in names if name not in finished},
-                     args.jobs)
+    run_concurrently({name: step for name, step in steps.items() if step is not None}, args.jobs)
 
     results = {name: collect(name, out) for name in names}
     report = [f"# Text-JEPA ablations ({args.size}, {args.steps} steps x {args.batch_size} sequences, "
               f"{args.jobs} jobs at 1 thread)", "", table(results), ""]
+    if args.finetune:
+        report += ["## Finetuning (benchmarks/finetune.py; test [95% interval] (validation))", "",
+                   finetune_table(results), ""]
     report.append(f"total wall time: {time.time() - started:.0f} s")
     (out / "ablations.md").write_text("\n".join(report) + "\n")
     (out / "ablations.json").write_text(json.dumps(results, indent=2))

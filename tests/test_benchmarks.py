@@ -39,10 +39,13 @@ def test_compare_pretraining_smoke(tmp_path):
         "--vocab-size", "120", "--calibration-steps", "3", "--skip-minilm",
         "--set", "data.block_size=32", "--set", "train.batch_size=4", "--set", "log.probe_size=8",
         "--set", "mask.num_masks=1", "--jobs", "2",
+        "--finetune", "--finetune-args=--tasks sentiment similar --learning-rates 1e-3 --epochs 1 --bootstrap-resamples 50",
     ])
     report = (out / "results.md").read_text()
-    for name in ("textjepa", "mlm", "random-init", "average"):
+    for name in ("textjepa", "mlm", "random-init", "average", "## Finetuning", "| similar (cosine) (spearman) |"):
         assert name in report
+    assert set(json.loads((out / "results.json").read_text())["finetune"]["rows"]["sentiment"]) == {
+        "textjepa", "mlm", "random-init"}
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"textjepa", "mlm", "random-init"}
     assert all(results["budgets"][name]["steps_done"] >= 1 for name in ("textjepa", "mlm"))
@@ -67,12 +70,15 @@ def test_ablations_smoke(tmp_path):
         "--batch-size", "4", "--recipe", str(RECIPES / "quickstart.yaml"),
         "--only", "tokens: base", "--only", "+ sentence 1.0", "--max-eval-examples", "20",
         "--set", "data.block_size=32", "--set", "log.probe_size=8", "--set", "mask.num_masks=1",
+        "--finetune", "--finetune-args", "--tasks sentiment --learning-rates 1e-3 --epochs 1 --bootstrap-resamples 50",
     ])
     report = (out / "ablations.md").read_text()
     assert "| tokens: base |" in report and "| + sentence 1.0 |" in report
     results = json.loads((out / "ablations.json").read_text())
     assert results["+ sentence 1.0"]["final"]["sentence_loss"] > 0
     assert "sentence_loss" not in results["tokens: base"]["final"]
+    assert "## Finetuning" in report and "| variant | sentiment |" in report
+    assert 0.0 <= results["tokens: base"]["finetune"]["sentiment"]["test"] <= 100.0
 
 
 def tiny_encoder_dir(corpus_words, directory, seed):
