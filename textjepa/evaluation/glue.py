@@ -165,7 +165,7 @@ def finetune(model_name_or_path, spec, args):
     from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
                               DataCollatorWithPadding, get_scheduler)
 
-    from textjepa.evaluation.embedding import _transformer_dir
+    from textjepa.evaluation.embedding import _transformer_dir, default_max_length
 
     start = time.time()
     pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
@@ -191,16 +191,17 @@ def finetune(model_name_or_path, spec, args):
         model = BiEncoder(AutoModel.from_pretrained(path, config=config), spec.num_labels, pair_head,
                           getattr(args, "pooling", "mean"))
     train_labels = labels_of(spec, "train")
+    max_length = default_max_length(config, tokenizer, cap=args.max_length)  # never past the position table
 
     def tokenize(split):
         s1, s2 = texts_of(spec, split)
         if pair_head == "cross_encoder":
             forward_args = set(inspect.signature(model.forward).parameters)
-            columns = {k: v for k, v in tokenizer(s1, s2, truncation=True, max_length=args.max_length).items()
+            columns = {k: v for k, v in tokenizer(s1, s2, truncation=True, max_length=max_length).items()
                        if k in forward_args}  # e.g. no token_type_ids for a model without them
         else:  # the bi-encoder passes its encoder only the inputs it takes
-            columns = {**tokenizer(s1, truncation=True, max_length=args.max_length),
-                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=args.max_length).items()}}
+            columns = {**tokenizer(s1, truncation=True, max_length=max_length),
+                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length).items()}}
         labels = labels_of(spec, split)
         if pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
             labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
