@@ -562,6 +562,12 @@ def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, gener
     return (error @ (weights * gaussian_cf)).mean()
 
 
+def pooled_head(config):
+    """The small MLP of the sentence-level targets: a pooled vector (N, H) -> an estimate (N, H)."""
+    width = config.predictor_intermediate_size
+    return nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size))
+
+
 class TextJepaForPreTraining(TextJepaPreTrainedModel):
     """Student encoder (`self.textjepa`), predictor, and an EMA teacher that is deliberately *not* a
     registered submodule: it has no gradients, stays out of `parameters()`/`state_dict()` (so DDP and
@@ -574,22 +580,9 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         super().__init__(config)
         self.textjepa = TextJepaModel(config)
         self.predictor = TextJepaPredictor(config)
-        if config.sentence_loss_weight > 0:
-            # pooled student context (N, H) -> estimate of the teacher's pooled full text (N, H)
-            width = config.predictor_intermediate_size
-            self.sentence_predictor = nn.Sequential(
-                nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size)
-            )
-        else:
-            self.sentence_predictor = None
-        if config.cross_view_loss_weight > 0:
-            # pooled student context of one segment (N, H) -> teacher's pooled embedding of its partner
-            width = config.predictor_intermediate_size
-            self.view_predictor = nn.Sequential(
-                nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size)
-            )
-        else:
-            self.view_predictor = None
+        # pooled student context (N, H) -> the teacher's pooled embedding of the same segment / of its partner
+        self.sentence_predictor = pooled_head(config) if config.sentence_loss_weight > 0 else None
+        self.view_predictor = pooled_head(config) if config.cross_view_loss_weight > 0 else None
         if config.bottleneck_loss_weight > 0:
             # one pooled vector + mask tokens -> the teacher's states at the targets (a one-layer decoder)
             bottleneck_config = copy.copy(config)
