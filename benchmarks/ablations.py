@@ -40,6 +40,10 @@ VIEWS = ["mask.num_views=2"]  # each 128-token block becomes two 64-token segmen
 CROSS_VIEW = VIEWS + ["model.cross_view_loss_weight=3.0"]
 HALVES = ["mask.views=document_halves"]  # each document piece of a block becomes two segments
 HALVES_CROSS = HALVES + ["model.cross_view_loss_weight=3.0"]
+# LeJEPA-style (no teacher in the pooled term): four 32-token segments per block, neighbours' projections
+# pulled together, SIGReg on the projections the only guard; the EMA copy is kept for the export only
+LEJEPA = ["mask.num_views=4", "model.cross_view_target=student", "model.cross_view_loss_weight=1.0",
+          "model.token_loss_weight=0", "model.sentence_loss_weight=0", "model.pooled_reg=sigreg"] + FAST_EMA
 VARIANTS = {  # name -> overrides on top of the base recipe
     # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
     "tokens: base": TOKENS_ONLY,
@@ -71,6 +75,9 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "concepts: + cross-view 3, bottleneck 1": RECIPE + CROSS_VIEW + ["model.bottleneck_loss_weight=1.0"],
     "concepts: + cross-view 3, VICReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=vicreg", "model.pooled_reg_weight=1.0"],
     "concepts: + cross-view 3, SIGReg 1": RECIPE + CROSS_VIEW + ["model.pooled_reg=sigreg", "model.pooled_reg_weight=1.0"],
+    "lejepa: cross-view, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0"],
+    "lejepa: cross-view, SIGReg 20": LEJEPA + ["model.pooled_reg_weight=20.0"],
+    "lejepa: + tokens 1, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0", "model.token_loss_weight=1.0"],
     # document-aware views: every document piece in a block is cut in two halves, each read on its own
     "halves: recipe": RECIPE + HALVES,
     "halves: + cross-view 3": RECIPE + HALVES_CROSS,

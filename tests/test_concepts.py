@@ -157,6 +157,40 @@ def test_cross_view_target_is_the_partners_pooled_teacher_embedding():
     assert none.loss_terms["cross_view_loss"].item() == 0.0 and torch.isfinite(none.loss)
 
 
+def test_student_cross_view_is_lejepa_without_a_teacher_pass(monkeypatch):
+    """cross_view_target="student": partners' projections pulled to their mean, SIGReg on the
+    projections, gradients through both partners, and no teacher forward when nothing else reads it."""
+    model = make_model(cross_view_loss_weight=1.0, cross_view_target="student", token_loss_weight=0.0,
+                       sentence_loss_weight=0.0, pooled_reg="sigreg", pooled_reg_weight=0.5)
+    batch, _ = view_batch(batch=2, length=32)
+    monkeypatch.setattr(model, "compute_targets", lambda *a, **k: pytest.fail("teacher pass without a reader"))
+    torch.manual_seed(1)
+    out = model(**batch)
+    assert set(out.loss_terms) == {"cross_view_loss", "pooled_reg"} and out.targets is None
+    with torch.no_grad():
+        context_idx = batch["context_idx"][:, 0]
+        context_ids = batch["input_ids"].gather(1, context_idx)
+        student = model.textjepa(context_ids, position_ids=context_idx).last_hidden_state.mean(dim=1)
+        z = model.view_predictor(student)  # (4, H): rows 0-1 and 2-3 are partners
+    expected = torch.stack([((z[0] - z[1]) / 2).pow(2).mean(), ((z[2] - z[3]) / 2).pow(2).mean()]).mean()
+    torch.testing.assert_close(out.loss_terms["cross_view_loss"], expected)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out.loss_terms["pooled_reg"], sigreg_statistic(z, model.config.sigreg_num_slices))
+    torch.testing.assert_close(out.loss.detach(), expected + 0.5 * out.loss_terms["pooled_reg"])
+    out.loss.backward()
+    for module in (model.textjepa.embeddings.word_embeddings, model.view_predictor[0]):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    # identical partners: no invariance loss; no same-document pair: 0, not NaN
+    same = dict(batch, input_ids=batch["input_ids"][[0, 0, 2, 2]], context_idx=batch["context_idx"][[0, 0, 2, 2]],
+                target_idx=batch["target_idx"][[0, 0, 2, 2]])
+    assert make_model(cross_view_loss_weight=1.0, cross_view_target="student", token_loss_weight=0.0,
+                      sentence_loss_weight=0.0)(**same).loss_terms["cross_view_loss"].item() < 1e-12
+    none = model(**dict(batch, same_document=torch.zeros(4, dtype=torch.bool)))
+    assert none.loss_terms["cross_view_loss"].item() == 0.0 and torch.isfinite(none.loss)
+    with pytest.raises(Exception, match="cross_view_target"):
+        TextJepaConfig(**tiny_config_kwargs(cross_view_target="teachr"))
+
+
 def test_without_token_terms_the_predictor_is_skipped_and_all_off_is_an_error():
     model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0)
     batch, _ = view_batch(batch=2, length=32)

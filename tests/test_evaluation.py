@@ -579,3 +579,64 @@ def test_ship_whitening_from_the_cli_is_applied_as_shipped(tmp_path):
     assert np.linalg.eigvalsh(covariance).max() < 1.5
     raw_eigenvalues = np.linalg.eigvalsh(raw_covariance)
     assert raw_eigenvalues.max() > 3 * np.median(raw_eigenvalues)  # the raw vectors were not white to begin with
+
+
+def test_sif_token_weights_known_answer_and_shipped_pooling(tmp_path):
+    """SIF weights are a / (a + p) from token counts; a shipped token_weights.safetensors turns mean
+    pooling into the weighted mean, by hand; `textjepa whiten` ships both files; bad files are named."""
+    import numpy as np
+
+    from textjepa import TextJepaConfig, TextJepaModel
+    from textjepa.cli import main as cli
+    from textjepa.evaluation import SentenceEncoder
+    from textjepa.evaluation.whitening import (
+        TOKEN_WEIGHTS_FILE,
+        WHITENING_FILE,
+        fit_sif_weights,
+        load_token_weights,
+        save_token_weights,
+    )
+    from textjepa.training.batches import SHIPPED_TOKENIZER
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(SHIPPED_TOKENIZER))
+    texts = ["the sea", "the ship", "the storm at sea"]
+    ids = [i for row in tokenizer(texts)["input_ids"] for i in row]
+    weights = fit_sif_weights(tokenizer, texts, a=0.01)
+    counts = np.bincount(ids, minlength=len(tokenizer))
+    np.testing.assert_allclose(weights, 0.01 / (0.01 + counts / len(ids)), rtol=1e-6)
+    assert weights.shape == (len(tokenizer),) and weights[counts == 0].min() == 1.0
+    assert weights[tokenizer("the")["input_ids"][-2]] < weights[tokenizer(" storm")["input_ids"][-2]]
+
+    model_dir = tmp_path / "encoder"
+    torch.manual_seed(0)
+    model = TextJepaModel(TextJepaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, intermediate_size=64))
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_token_weights(model_dir, weights)
+    sentence = "the storm at sea"
+    with torch.no_grad():
+        batch = tokenizer([sentence], return_tensors="pt")
+        hidden = model(**batch).last_hidden_state[0]  # (T, H)
+    w = torch.from_numpy(weights)[batch["input_ids"][0]]
+    expected = (hidden * w[:, None]).sum(0) / w.sum()
+    np.testing.assert_allclose(SentenceEncoder(str(model_dir)).encode([sentence], normalize=False)[0],
+                               expected.numpy(), atol=1e-5)
+    plain = SentenceEncoder(str(model_dir))
+    plain.token_weights = None
+    assert not np.allclose(plain.encode([sentence], normalize=False)[0], expected.numpy(), atol=1e-4)
+
+    save_token_weights(model_dir, weights[:5])
+    with pytest.raises(ValueError, match=r"encoder/token_weights\.safetensors: weights \(5,\); expected \(V,\)"):
+        load_token_weights(model_dir, len(tokenizer))
+    corpus = tmp_path / "unlabeled.txt"
+    corpus.write_text("\n\n".join(["the sea and the ship", "a storm at night", "the captain and the rope"] * 20))
+    assert cli(["whiten", "--model", str(model_dir), "--on", str(corpus), "--max-docs", "60"]) == 0
+    assert (model_dir / WHITENING_FILE).is_file() and (model_dir / TOKEN_WEIGHTS_FILE).is_file()
+    assert load_token_weights(model_dir, len(tokenizer)).shape == (len(tokenizer),)
+    assert cli(["whiten", "--model", str(model_dir), "--on", str(corpus), "--token-weights", "none"]) == 0
+    assert not (model_dir / TOKEN_WEIGHTS_FILE).exists()
+    from textjepa.evaluation.suite import run_suite
+    with pytest.raises(ValueError, match="token_weights='sif'.*--whiten-on"):
+        run_suite([str(model_dir)], str(tmp_path), token_weights="sif")

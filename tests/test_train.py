@@ -95,7 +95,7 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     recipe = tiny_recipe(tiny_data, out, **{"train.max_steps": 60, "optim.lr": 1e-2, "train.export": True,
                                             "log.plot": True, "log.trackers": ["jsonl", "tensorboard"],
                                             "log.every": 2, "train.export_whiten_on": tiny_data["corpus"],
-                                            "train.export_whiten_docs": 100})
+                                            "train.export_whiten_docs": 100, "train.export_token_weights": "sif"})
     summary = loop.train(recipe, announce=quiet)
     records = read_jsonl(out / loop.METRICS_FILE)
     first, last = np.mean([r["loss"] for r in records[:3]]), np.mean([r["loss"] for r in records[-3:]])
@@ -128,7 +128,8 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     from textjepa.evaluation import SentenceEncoder
 
     assert summary["whitening"] == str(out / "export" / "whitening.safetensors")
-    assert len(SentenceEncoder(str(out / "export")).whitening) == 1
+    shipped = SentenceEncoder(str(out / "export"))
+    assert len(shipped.whitening) == 1 and shipped.token_weights.shape == (len(shipped.tokenizer),)
 
 
 CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,

@@ -64,6 +64,13 @@ class TextJepaConfig(PreTrainedConfig):
             context of one segment to the teacher's mean-pooled embedding of the *other* segment of the
             same document (rows 2i and 2i+1 are partners; pairs that straddle a document boundary are
             skipped). No negatives: the EMA teacher is the only target.
+        cross_view_target: where the cross-view target comes from. "teacher" (default, above). "student"
+            (LeJEPA-style, no teacher in the term): view_predictor projects the student's pooled visible
+            context of both partner segments, the term is the mean squared distance of each projection to
+            the pair's mean (gradients through both), and pooled_reg="sigreg" then tests the projections
+            (not the pooled vectors) for normality: the only guard against collapse. With token loss,
+            span loss and sentence loss off, the step makes no teacher pass at all (the EMA copy is kept
+            for the export only).
         bottleneck_loss_weight: weight of a latent bottleneck (0 = off; a latent-space RetroMAE): a second,
             one-layer predictor (bottleneck_predictor) sees only the student's pooled visible context (one
             vector, at position 0) plus mask tokens at the target positions, and regresses the teacher's
@@ -113,6 +120,7 @@ class TextJepaConfig(PreTrainedConfig):
     token_loss_weight: float = 1.0
     span_loss_weight: float = 0.0
     cross_view_loss_weight: float = 0.0
+    cross_view_target: Literal["teacher", "student"] = "teacher"
     bottleneck_loss_weight: float = 0.0
     pooled_reg: Literal["none", "vicreg", "sigreg"] = "none"
     pooled_reg_weight: float = 0.0

@@ -450,7 +450,8 @@ class TextJepaPredictor(nn.Module):
 class TextJepaForPreTrainingOutput(ModelOutput):
     """loss (scalar); predictions and targets (B*K, Nt, H); target_std and prediction_std: the mean
     over dimensions of the per-dimension standard deviation across target tokens (detached). A value
-    near 0 means every token maps to the same vector: collapse. token_loss and sentence_loss: the
+    near 0 means every token maps to the same vector: collapse (without a teacher pass, as with
+    cross_view_target="student" alone, targets is None and target_std is that of the projections). token_loss and sentence_loss: the
     two main terms of loss (detached; sentence_loss only when config.sentence_loss_weight > 0).
     loss_terms: every term the config turns on, unweighted and detached, by name (token_loss,
     sentence_loss, span_loss, cross_view_loss, bottleneck_loss, pooled_reg): what the trainer logs."""
@@ -729,21 +730,27 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
         rows = batch * num_masks
         use_cross_view = self.view_predictor is not None and (same_document is not None or segment_ids is not None)
+        student_views = use_cross_view and config.cross_view_target == "student"  # LeJEPA-style, no teacher
+        if student_views and segment_ids is not None:
+            raise ValueError("cross_view_target='student' works on mask.num_views segments, not mask.views")
         use_tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
-        use_sentence = self.sentence_predictor is not None or use_cross_view
+        use_sentence = self.sentence_predictor is not None or (use_cross_view and not student_views)
+        use_teacher = use_tokens or use_sentence or self.bottleneck_predictor is not None
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         segments = segment_ids if segment_ids is not None else torch.zeros_like(input_ids)  # (B, L)
 
         # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions, and
-        #    its mean-pooled embedding of every segment (B, S, H)
-        targets = self.compute_targets(
-            input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target),
-            return_sentence=use_sentence, segment_ids=segment_ids, position_ids=position_ids,
-        )
-        if use_sentence:
-            targets, sentence_targets = targets
-        targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
+        #    its mean-pooled embedding of every segment (B, S, H). Skipped when no term reads it.
+        targets = None
+        if use_teacher:
+            targets = self.compute_targets(
+                input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target),
+                return_sentence=use_sentence, segment_ids=segment_ids, position_ids=position_ids,
+            )
+            if use_sentence:
+                targets, sentence_targets = targets
+            targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
         num_segments = int(segments.max()) + 1
         teacher_has = torch.zeros(batch, num_segments, dtype=torch.bool, device=input_ids.device)
         teacher_has.scatter_(1, segments, True if attention_mask is None else attention_mask.bool())
@@ -796,7 +803,16 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             terms["sentence_loss"] = cosine_distance(
                 self.sentence_predictor(pooled_context)[own_valid], own_targets[own_valid])
             weighted.append(config.sentence_loss_weight * terms["sentence_loss"])
-        if use_cross_view:  # -> the teacher's pooled embedding of the partner segment (same document)
+        projections = None
+        if student_views:  # LeJEPA: partner segments' projections pulled to their mean; SIGReg keeps them apart
+            projections = self.view_predictor(pooled_context[:, 0]).float().view(batch, num_masks, -1)  # (B, K, H)
+            seen = student_has[:, 0].view(batch, num_masks)
+            pair_valid = same_document[0::2, None] & seen[0::2] & seen[1::2]  # (B/2, K)
+            half_gap = (projections[0::2] - projections[1::2]) / 2  # distance of each view to the pair's mean
+            terms["cross_view_loss"] = half_gap[pair_valid].pow(2).mean(dim=-1).sum() / pair_valid.sum().clamp(min=1)
+            weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
+            projections = projections[seen]  # (M, H), what the pooled guard tests
+        elif use_cross_view:  # -> the teacher's pooled embedding of the partner segment (same document)
             if segmented:  # segment s <-> s ^ 1 of the same row
                 partner = torch.arange(num_segments, device=input_ids.device) ^ 1
                 partner = partner.clamp(max=num_segments - 1)  # an odd last segment has no partner
@@ -814,9 +830,10 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
                                                        partner_targets[pair_valid])
             weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
 
-        # 5. optional guard on the geometry of the pooled student vectors (the segments it saw)
+        # 5. optional guard on the geometry of the pooled student vectors (the segments it saw), or of
+        #    their projections in the teacher-free cross-view term
         if config.pooled_reg != "none" and config.pooled_reg_weight > 0:
-            seen = pooled_context[student_has]  # (M, H)
+            seen = projections if projections is not None else pooled_context[student_has]  # (M, H)
             if config.pooled_reg == "vicreg":
                 terms["pooled_reg"] = vicreg_regularizer(seen)
             else:
@@ -831,7 +848,7 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             loss=sum(weighted),
             predictions=predictions,
             targets=targets,
-            target_std=per_dimension_std(targets),
+            target_std=per_dimension_std(targets if targets is not None else projections),
             prediction_std=per_dimension_std(reference),
             token_loss=terms["token_loss"].detach() if "token_loss" in terms else None,
             sentence_loss=terms["sentence_loss"].detach() if "sentence_loss" in terms else None,

@@ -18,7 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
-from textjepa.evaluation.whitening import WHITENING_FILE, apply_whitening, load_whitening
+from textjepa.evaluation.whitening import (
+    WHITENING_FILE,
+    apply_whitening,
+    load_token_weights,
+    load_whitening,
+)
 
 POOLINGS = ("mean", "cls")
 
@@ -44,12 +49,15 @@ def default_max_length(config, tokenizer, model_dir=None, cap=512):
 
 
 def encode(model, tokenizer, texts, pooling="mean", normalize=True, batch_size=64, max_length=None, device=None,
-           show_progress=True, dtype=None, convert_to_tensor=False):
+           show_progress=True, dtype=None, convert_to_tensor=False, token_weights=None):
     """Embed `texts` -> (N, H) float32 np.ndarray (or torch tensor on CPU with convert_to_tensor=True).
 
     pooling: "mean" (masked mean over real tokens) or "cls" (first token).
+    token_weights: (V,) weights per token id (e.g. SIF): "mean" becomes the weighted mean.
     dtype: compute dtype via autocast (e.g. torch.bfloat16); None keeps the model's own dtype.
     """
+    if token_weights is not None and pooling != "mean":
+        raise ValueError(f"encode: token_weights apply to mean pooling, not pooling={pooling!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"encode: pooling={pooling!r}; expected one of {POOLINGS}")
     if isinstance(texts, str):
@@ -64,6 +72,8 @@ def encode(model, tokenizer, texts, pooling="mean", normalize=True, batch_size=6
     max_length = max_length or default_max_length(model.config, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out anyway
     model.eval()
+    if token_weights is not None:
+        token_weights = torch.as_tensor(token_weights, dtype=torch.float32, device=device)
 
     token_ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
     order = np.argsort([-len(ids) for ids in token_ids], kind="stable")  # longest first: OOM shows at once
@@ -85,7 +95,8 @@ def encode(model, tokenizer, texts, pooling="mean", normalize=True, batch_size=6
             if hidden.dim() != 3:
                 raise ValueError(f"encode: {type(model).__name__} returned {tuple(hidden.shape)}, expected (B, T, H) "
                                  "hidden states; is this an encoder (AutoModel), not a task head?")
-            pooled = pool_hidden_states(hidden.float(), attention_mask, pooling=pooling)  # (B, H) fp32
+            weights = attention_mask if token_weights is None else attention_mask * token_weights[input_ids]  # (B, T)
+            pooled = pool_hidden_states(hidden.float(), weights, pooling=pooling)  # (B, H) fp32
             if normalize:
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=-1)
             pooled_batches.append(pooled.cpu())
@@ -171,8 +182,9 @@ def load_encoder(model_name_or_path, device=None):
 class SentenceEncoder:
     """An encoder directory + pooling settings; `.encode(texts)` gives (N, H) float32 embeddings.
 
-    A directory holding whitening.safetensors is used as shipped: every pooled vector x becomes
-    (x - mean) @ matrix before L2 normalisation. cache=True keeps each distinct text's pooled vector
+    A directory holding token_weights.safetensors and/or whitening.safetensors (textjepa.evaluation.
+    whitening) is used as shipped: mean pooling weighs each token by its weight, and every pooled vector x
+    becomes (x - mean) @ matrix before L2 normalisation. cache=True keeps each distinct text's pooled vector
     for the encoder's lifetime, so a text shared by several tasks (or asked for twice) is encoded once.
     """
 
@@ -186,7 +198,9 @@ class SentenceEncoder:
         self.device = next(self.model.parameters()).device
         shipped = load_whitening(model_dir) if model_dir else None
         self.whitening = [shipped] if shipped else []  # [(mean, matrix)], applied in order
-        self._cache = {} if cache else None  # (pooling, text) -> raw pooled vector (H,)
+        # (V,) weights of the mean pooling, or None; part of the cache key, so copies that differ share it
+        self.token_weights = load_token_weights(model_dir, len(self.tokenizer)) if model_dir else None
+        self._cache = {} if cache else None  # (pooling, weights id, text) -> raw pooled vector (H,)
         self._check_output()
 
     def _check_output(self):
@@ -207,19 +221,22 @@ class SentenceEncoder:
 
     def _raw(self, texts, batch_size, show_progress, pooling):
         """(N, H) float32 pooled, un-normalised vectors; through the cache when there is one."""
+        weights = self.token_weights if pooling == "mean" else None
+
         def run(batch):
             return encode(self.model, self.tokenizer, batch, pooling=pooling, normalize=False,
                           batch_size=batch_size or self.batch_size, max_length=self.max_length, device=self.device,
-                          show_progress=show_progress, dtype=self.dtype)
+                          show_progress=show_progress, dtype=self.dtype, token_weights=weights)
         if self._cache is None:
             return run(texts)
-        missing = list(dict.fromkeys(t for t in texts if (pooling, t) not in self._cache))
+        key = (pooling, None if weights is None else id(weights))
+        missing = list(dict.fromkeys(t for t in texts if (*key, t) not in self._cache))
         if missing:
             for text, vector in zip(missing, run(missing)):
-                self._cache[(pooling, text)] = vector
+                self._cache[(*key, text)] = vector
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
-        return np.stack([self._cache[(pooling, t)] for t in texts])
+        return np.stack([self._cache[(*key, t)] for t in texts])
 
     def encode(self, texts, batch_size=None, show_progress=False, convert_to_tensor=False, normalize=None, pooling=None):
         texts = [texts] if isinstance(texts, str) else list(texts)

@@ -2,7 +2,8 @@
 
     textjepa evaluate --model DIR [--model DIR2 ...] --data-dir ../shared/data [--output results.json]
                       [--baseline tfidf] [--baseline bm25] [--split validation|test|both]
-                      [--whiten-on FILE_OR_GLOB [--whiten-max-docs N]] [--max-examples N] [--subsample-corpus N]
+                      [--whiten-on FILE_OR_GLOB [--whiten-max-docs N] [--token-weights sif]]
+                      [--max-examples N] [--subsample-corpus N]
 
 Finds every folder with a task.json (GLUE-style: linear probe on frozen embeddings, plus zero-shot
 STS for sentence-pair score tasks) and every BEIR folder (corpus.jsonl + queries.jsonl + qrels/),
@@ -17,7 +18,9 @@ full results as JSON. `run_suite()` is the same thing as a function for benchmar
   examples: sentences, pairs or queries); bold is the best of the row, "≈" marks a column whose
   difference to the best is inside that noise. Every column resamples the same examples.
 - --whiten-on fits whitening (textjepa.evaluation.whitening) on unlabeled text per model and adds a
-  "+whitened" column beside each raw one. A model directory with whitening.safetensors is used as shipped.
+  "+whitened" column beside each raw one; with --token-weights sif that column also pools with SIF token
+  weights counted on the same text ("+sif+whitened"). A model directory with whitening.safetensors or
+  token_weights.safetensors is used as shipped.
 """
 
 import argparse
@@ -35,7 +38,7 @@ from textjepa.evaluation.metrics import interval, with_intervals
 from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, subsample_corpus, validation_test_qrels
 from textjepa.evaluation.sts import evaluate_sts_task
 from textjepa.evaluation.tasks import EXTENSIONS, load_task_dir
-from textjepa.evaluation.whitening import fit_whitening, read_unlabeled_texts
+from textjepa.evaluation.whitening import TOKEN_WEIGHTS, fit_sif_weights, fit_whitening, read_unlabeled_texts
 
 SPLIT_CHOICES = {"validation": ("validation",), "test": ("test",), "both": ("validation", "test")}
 SKIP_DIRS = {"pretrain", "__pycache__", ".git"}
@@ -70,10 +73,13 @@ def _model_name(model):
 
 def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", batch_size=64, max_length=None,
               show_progress=True, device=None, baselines=(), split="both", subsample_corpus_size=None,
-              whiten_on=None, whiten_max_docs=10_000):
+              whiten_on=None, whiten_max_docs=10_000, token_weights="none"):
     """Evaluate each model (and each lexical baseline) on every task under data_dir
     -> {"models": [column names], "results": {column: {"tasks": [...], "seconds": s}}, "table": str}."""
     splits = SPLIT_CHOICES[split]
+    if token_weights not in TOKEN_WEIGHTS or (token_weights != "none" and not whiten_on):
+        raise ValueError(f"token_weights={token_weights!r}: expected one of {TOKEN_WEIGHTS}, and --whiten-on "
+                         "(the unlabeled text the weights are counted on) with 'sif'")
     unknown = [b for b in baselines if b not in lexical.BASELINES]
     if unknown:
         raise ValueError(f"baseline {unknown[0]!r}: expected one of {lexical.BASELINES}")
@@ -98,7 +104,7 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
         beir_sets.append((name, corpus, queries, by_split))
     whiten_texts = read_unlabeled_texts(whiten_on, whiten_max_docs) if whiten_on else None
     report = {"data_dir": str(data_dir), "max_examples": max_examples, "pooling": pooling, "splits": list(splits),
-              "subsample_corpus": subsample_corpus_size, "whiten_on": whiten_on, "models": [], "results": {}}
+              "subsample_corpus": subsample_corpus_size, "whiten_on": whiten_on, "token_weights": token_weights, "models": [], "results": {}}
 
     def add_column(name, run):
         start = time.time()
@@ -113,8 +119,10 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
             if show_progress:
                 print(f"[{_model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
             whitened = copy.copy(encoder)  # shares the model and the cache of pooled vectors
-            whitened.whitening = encoder.whitening + [fit_whitening(encoder.encode(whiten_texts, normalize=False))]
-            whitened.name = f"{encoder.name} +whitened"
+            if token_weights == "sif":  # SIF-weighted mean pooling, weights counted on the same texts
+                whitened.token_weights = fit_sif_weights(encoder.tokenizer, whiten_texts)
+            whitened.whitening = encoder.whitening + [fit_whitening(whitened.encode(whiten_texts, normalize=False))]
+            whitened.name = f"{encoder.name} +{'sif+' if token_weights == 'sif' else ''}whitened"
             columns.append(whitened)
         for column in columns:
             add_column(column.name, lambda: evaluate_encoder(column, specs, beir_sets, splits, show_progress))
@@ -268,6 +276,8 @@ def main(argv=None):
     p.add_argument("--whiten-on", default=None, metavar="FILE_OR_GLOB",
                    help="unlabeled text (txt/jsonl/csv/parquet) to fit whitening on; adds a +whitened column per model")
     p.add_argument("--whiten-max-docs", type=int, default=10_000, help="documents read for whitening (500 chars each)")
+    p.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="none",
+                   help="with --whiten-on: the post-processed column also pools with SIF token weights")
     p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None)
@@ -287,7 +297,7 @@ def main(argv=None):
                        pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length,
                        show_progress=not args.quiet, device=args.device, baselines=args.baseline, split=args.split,
                        subsample_corpus_size=args.subsample_corpus, whiten_on=args.whiten_on,
-                       whiten_max_docs=args.whiten_max_docs)
+                       whiten_max_docs=args.whiten_max_docs, token_weights=args.token_weights)
     print(report["table"])
     if args.output:
         print(f"results written to {args.output}")

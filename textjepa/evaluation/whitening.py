@@ -1,10 +1,17 @@
-"""Whitening of pooled sentence vectors: fit once on unlabeled text, apply before L2-normalising.
+"""Post-processing of pooled sentence vectors, fitted once on unlabeled text and shipped in the model
+directory: SIF token weights for the mean pooling, then whitening, then L2 normalisation.
 
     mean, matrix = fit_whitening(vectors)          # vectors: (N, H) raw (un-normalised) pooled embeddings
     white = apply_whitening(x, mean, matrix)       # (x - mean) @ matrix
     save_whitening(model_dir, mean, matrix)        # model_dir/whitening.safetensors: SentenceEncoder applies it
-    ship_whitening(model_dir, "corpus/*.parquet")  # fit on a sample of unlabeled text and save it beside the model
-    textjepa whiten --model DIR --on 'corpus/*.parquet' [--max-docs 8800]   # the same from the shell
+    weights = fit_sif_weights(tokenizer, texts)    # (V,) a / (a + p(token)), p counted on the texts
+    save_token_weights(model_dir, weights)         # model_dir/token_weights.safetensors: weighted mean pooling
+    ship_whitening(model_dir, "corpus/*.parquet", token_weights="sif")  # fit both on unlabeled text, save them
+    textjepa whiten --model DIR --on 'corpus/*.parquet' [--max-docs 8800] [--token-weights sif|none]
+
+SIF weights (Arora et al. 2017, "smooth inverse frequency"): the mean pooling becomes a weighted mean
+with weight a / (a + p(t)) for token t of unigram probability p(t), so frequent tokens (function words,
+punctuation, special tokens) count less than rare, content-bearing ones; a = 1e-3. Unseen tokens weigh 1.
 
 ZCA whitening: matrix = U diag(1 / sqrt(s + eps * mean(s))) U^T from the eigendecomposition of the
 covariance, so the whitened vectors have (nearly) identity covariance and stay in the original basis.
@@ -18,6 +25,9 @@ import os
 import numpy as np
 
 WHITENING_FILE = "whitening.safetensors"
+TOKEN_WEIGHTS_FILE = "token_weights.safetensors"
+TOKEN_WEIGHTS = ("sif", "none")
+SIF_A = 1e-3
 
 
 def fit_whitening(vectors, eps=1e-3):
@@ -41,45 +51,91 @@ def apply_whitening(x, mean, matrix):
     return (x - mean) @ matrix
 
 
-def save_whitening(model_dir, mean, matrix):
-    """Write model_dir/whitening.safetensors atomically (a temp file renamed over it)."""
+def _save_atomically(path, tensors):
     from safetensors.numpy import save_file
 
-    path = os.path.join(str(model_dir), WHITENING_FILE)
     temporary = path + ".tmp"
-    save_file({"mean": np.ascontiguousarray(mean, dtype=np.float32),
-               "matrix": np.ascontiguousarray(matrix, dtype=np.float32)}, temporary)
+    save_file({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, temporary)
     os.replace(temporary, path)
     return path
 
 
-def ship_whitening(model_dir, source, max_docs=8_800):
-    """Fit whitening on the model's raw pooled vectors of up to max_docs unlabeled texts from `source`
-    and save it in model_dir, so every SentenceEncoder (and the suite) uses it as part of the model.
-    An existing whitening file is replaced (the fit always starts from the raw vectors)."""
-    from textjepa.evaluation.embedding import SentenceEncoder
+def save_whitening(model_dir, mean, matrix):
+    """Write model_dir/whitening.safetensors atomically (a temp file renamed over it)."""
+    return _save_atomically(os.path.join(str(model_dir), WHITENING_FILE), {"mean": mean, "matrix": matrix})
 
-    path = os.path.join(str(model_dir), WHITENING_FILE)
-    if os.path.exists(path):
-        os.remove(path)
+
+def fit_sif_weights(tokenizer, texts, a=SIF_A):
+    """(V,) float32 SIF weights a / (a + p(t)), p the unigram frequency of token t in the tokenized texts
+    (special tokens included, as the encoder sees them); tokens that never occur weigh 1."""
+    vocab_size = len(tokenizer)
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for ids in tokenizer(list(texts), truncation=False)["input_ids"]:
+        np.add.at(counts, np.asarray(ids, dtype=np.int64), 1.0)
+    if counts.sum() == 0:
+        raise ValueError("fit_sif_weights: the texts gave no tokens")
+    return (a / (a + counts / counts.sum())).astype(np.float32)
+
+
+def save_token_weights(model_dir, weights):
+    """Write model_dir/token_weights.safetensors ("weights": (V,)) atomically."""
+    return _save_atomically(os.path.join(str(model_dir), TOKEN_WEIGHTS_FILE), {"weights": weights})
+
+
+def load_token_weights(model_dir, vocab_size=None):
+    """(V,) float32 token weights from model_dir/token_weights.safetensors, or None when absent."""
+    tensors = _load(os.path.join(str(model_dir), TOKEN_WEIGHTS_FILE), {"weights"}, "'weights' (V,)")
+    if tensors is None:
+        return None
+    weights = tensors["weights"].astype(np.float32)
+    path = os.path.join(str(model_dir), TOKEN_WEIGHTS_FILE)
+    if weights.ndim != 1 or (vocab_size is not None and weights.shape[0] < vocab_size):
+        raise ValueError(f"{path}: weights {weights.shape}; expected (V,) with V >= the tokenizer's {vocab_size} tokens")
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError(f"{path}: weights must be finite and >= 0")
+    return weights
+
+
+def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
+    """Fit the post-processing on up to max_docs unlabeled texts from `source` and save it in model_dir,
+    so every SentenceEncoder (and the suite) uses it as part of the model: with token_weights="sif" the
+    SIF weights first, then whitening of the (weighted) mean-pooled vectors. Files already there are
+    replaced (the fit always starts from the raw vectors). Returns the whitening file's path."""
+    from textjepa.evaluation.embedding import SentenceEncoder, load_encoder
+
+    if token_weights not in TOKEN_WEIGHTS:
+        raise ValueError(f"token_weights={token_weights!r}; expected one of {TOKEN_WEIGHTS}")
+    for name in (WHITENING_FILE, TOKEN_WEIGHTS_FILE):
+        if os.path.exists(os.path.join(str(model_dir), name)):
+            os.remove(os.path.join(str(model_dir), name))
     texts = read_unlabeled_texts(source, max_docs)
+    if token_weights == "sif":
+        save_token_weights(model_dir, fit_sif_weights(load_encoder(str(model_dir))[1], texts))
     vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
     return save_whitening(model_dir, *fit_whitening(vectors))
 
 
-def load_whitening(model_dir):
-    """(mean, matrix) from model_dir/whitening.safetensors, or None when the file is absent."""
+def _load(path, keys, expected):
+    """{key: array} from a safetensors file, None when it is absent; a named error when it is unreadable."""
     from safetensors.numpy import load_file
 
-    path = os.path.join(str(model_dir), WHITENING_FILE)
     if not os.path.isfile(path):
         return None
     try:
         tensors = load_file(path)
     except Exception as error:  # SafetensorError and friends: say which file
         raise ValueError(f"{path}: not a readable safetensors file: {error}") from error
-    if set(tensors) != {"mean", "matrix"}:
-        raise ValueError(f"{path}: keys {sorted(tensors)}; expected exactly 'mean' (H,) and 'matrix' (H, H)")
+    if set(tensors) != keys:
+        raise ValueError(f"{path}: keys {sorted(tensors)}; expected exactly {expected}")
+    return tensors
+
+
+def load_whitening(model_dir):
+    """(mean, matrix) from model_dir/whitening.safetensors, or None when the file is absent."""
+    path = os.path.join(str(model_dir), WHITENING_FILE)
+    tensors = _load(path, {"mean", "matrix"}, "'mean' (H,) and 'matrix' (H, H)")
+    if tensors is None:
+        return None
     mean, matrix = tensors["mean"].astype(np.float32), tensors["matrix"].astype(np.float32)
     if mean.ndim != 1 or matrix.shape != (mean.shape[0], mean.shape[0]):
         raise ValueError(f"{path}: mean {mean.shape}, matrix {matrix.shape}; expected (H,) and (H, H)")
@@ -104,13 +160,16 @@ def read_unlabeled_texts(source, max_docs=10_000, max_chars=500, seed=0):
 
 
 def main(argv=None):
-    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N]: ship whitening inside a model directory."""
+    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N] [--token-weights sif|none]: ship the
+    post-processing (SIF token weights, whitening) inside a model directory."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="textjepa whiten", description=main.__doc__)
     parser.add_argument("--model", required=True, help="encoder directory (an export); whitening.safetensors goes here")
     parser.add_argument("--on", required=True, metavar="FILE_OR_GLOB", help="unlabeled text: txt/jsonl/csv/parquet")
     parser.add_argument("--max-docs", type=int, default=8_800, help="texts sampled evenly across files (500 chars each)")
+    parser.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="sif",
+                        help="sif: SIF-weighted mean pooling (token_weights.safetensors), fitted on the same texts")
     args = parser.parse_args(argv)
-    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs)}")
+    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs, args.token_weights)}")
     return 0

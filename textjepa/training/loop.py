@@ -542,7 +542,8 @@ def _train(recipe, resume, model, announce, cleanup):
                 from .batches import text_source
 
                 source = text_source(t.export_whiten_on, output_dir)
-                summary["whitening"] = ship_whitening(export_dir, source, t.export_whiten_docs)
+                summary["whitening"] = ship_whitening(export_dir, source, t.export_whiten_docs,
+                                                      t.export_token_weights)
         if log_cfg.plot and metrics_log is not None:
             from .plots import plot_training_curves
 

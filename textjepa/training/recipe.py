@@ -54,6 +54,7 @@ class ModelSection:
     token_loss_weight: Optional[float] = None
     span_loss_weight: Optional[float] = None
     cross_view_loss_weight: Optional[float] = None
+    cross_view_target: Optional[Literal["teacher", "student"]] = None
     bottleneck_loss_weight: Optional[float] = None
     pooled_reg: Optional[Literal["none", "vicreg", "sigreg"]] = None
     pooled_reg_weight: Optional[float] = None
@@ -160,6 +161,8 @@ class TrainSection:
     # and applied by every SentenceEncoder; null ships none ("quickstart": the shipped corpus)
     export_whiten_on: Optional[str] = None
     export_whiten_docs: int = 8800
+    # with export_whiten_on: "sif" also ships SIF token weights for the mean pooling (token_weights.safetensors)
+    export_token_weights: Literal["sif", "none"] = "none"
 
 
 @dataclass
