@@ -356,6 +356,24 @@ def test_lexical_baselines_known_answers(data_dir, tmp_path):
         assert result["test"]["recall_at_1"] == 100.0 and result["test"]["ndcg_at_10"] == 100.0, rank.__name__
 
 
+def test_probe_uses_sparse_tfidf_features_unscaled(data_dir):
+    """Sparse (TF-IDF) features go to the logistic regression as they are; dense ones are standardised."""
+    import scipy.sparse
+    from sklearn.linear_model import LogisticRegression
+
+    from textjepa.evaluation.glue import fit_probe
+    from textjepa.evaluation.tasks import labels_of
+
+    spec = load_task_dir(data_dir / "eval" / "sentiment")
+    rng = np.random.default_rng(0)
+    features = {split: scipy.sparse.random(len(spec.splits[split]), 50, density=0.1, format="csr", random_state=rng)
+                for split in spec.splits}
+    result = fit_probe(features, spec, "sparse")
+    direct = LogisticRegression(C=result["C"], max_iter=1000).fit(features["train"], labels_of(spec, "train"))
+    accuracy = 100 * np.mean(direct.predict(features["test"]) == np.asarray(labels_of(spec, "test")))
+    assert result["test"]["accuracy"] == pytest.approx(accuracy)
+
+
 def test_retrieval_metrics_equal_python_formulas():
     """retrieval_metrics runs pytrec_eval; the per-query Python formulas must agree on a fixed run."""
     rng = np.random.default_rng(1)

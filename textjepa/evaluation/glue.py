@@ -74,18 +74,21 @@ def linear_probe(encoder, spec, show_progress=False, c_grid=PROBE_C_GRID, alpha_
 
 
 def fit_probe(features, spec, model_name, c_grid=PROBE_C_GRID, alpha_grid=PROBE_ALPHA_GRID):
-    """The probe on any {split: (N, D) features} (dense, or sparse like TF-IDF): standardise with train
-    statistics, logistic regression (ridge for scores) per grid value, keep the best on validation.
-    Results x100, with a bootstrap interval of the headline metric per evaluated split."""
+    """The probe on any {split: (N, D) features} (dense, or sparse like TF-IDF): standardise dense features
+    with train statistics, logistic regression (ridge for scores) per grid value, keep the best on
+    validation. Results x100, with a bootstrap interval of the headline metric per evaluated split.
+    Sparse features (L2-normalised TF-IDF rows) are used as they are: dividing each column by its std would
+    blow a bigram seen twice up to the scale of a common word (TF-IDF probe, test: stsb 31.0 scaled vs
+    52.9 as is, vitaminc 34.6 vs 49.7, rotten_tomatoes and bbc_news unchanged)."""
     import scipy.sparse
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
     from textjepa.evaluation.metrics import bootstrap_replicates
 
-    sparse = scipy.sparse.issparse(features["train"])
-    scaler = StandardScaler(with_mean=not sparse).fit(features["train"])  # centring would densify sparse input
-    features = {split: scaler.transform(x) for split, x in features.items()}
+    if not scipy.sparse.issparse(features["train"]):
+        scaler = StandardScaler().fit(features["train"])
+        features = {split: scaler.transform(x) for split, x in features.items()}
     labels = {split: labels_of(spec, split) for split in spec.splits}
     if not spec.is_regression and len(np.unique(labels["train"])) < 2:
         raise ValueError(f"{spec.split_files['train']}: only one class in the train split; a classifier needs two")
