@@ -11,19 +11,17 @@ so that every process takes the same stop decisions (NaN guard, collapse guard, 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from .checkpoint import CheckpointError, TrainerState, load_checkpoint, save_checkpoint
 from . import schedules
 from .batches import JepaBatchMaker, MicroBatches, MlmBatchMaker, load_blocks, probe_blocks, resolve_tokenizer
 from .build import build_model, build_optimizer, encoder_of
@@ -33,7 +31,6 @@ from .process import RunLock, RunLocked, die_with_launcher, fault_point
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TEACHER_FILE = "teacher.safetensors"
 
 
 class TrainingStopped(RuntimeError):
@@ -44,43 +41,12 @@ class TrainingStopped(RuntimeError):
         self.checkpoint = checkpoint
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or no checkpoint could be loaded; the message names the path."""
-
-
 def _weights_finite(unwrapped) -> bool:
     """True when every parameter (student, predictor, teacher) is finite."""
     tensors = list(unwrapped.parameters()) + [b for b in unwrapped.buffers() if b.is_floating_point()]
     if hasattr(unwrapped, "teacher_state_dict"):  # the EMA teacher is not a registered submodule
         tensors += list(unwrapped.teacher_state_dict().values())
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _describe_write_error(err: Exception, path: Path) -> str:
-    """One line for a failed write; a full disk says so whatever the library's wording
-    (torch.save: 'basic_ios::clear: iostream error', safetensors: 'os error 28')."""
-    text = str(err)
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or "os error 28" in text
-    if not full:
-        try:
-            full = shutil.disk_usage(path if path.exists() else path.parent).free < (1 << 20)
-        except OSError:
-            pass
-    if full:
-        return f"{path}: No space left on device while writing the checkpoint; free space and run again with --resume"
-    return f"{path}: writing the checkpoint failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-@dataclass
-class TrainerState:
-    """Bookkeeping saved as trainer_state.json in every checkpoint (written last: the 'complete' mark)."""
-
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # over all processes
-    ema_updates: int = 0
-    elapsed_s: float = 0.0  # training wall time over all sessions
-    world_size: int = 1
-    last_metrics: dict = field(default_factory=dict)
 
 
 def make_accelerator(recipe):
@@ -136,92 +102,6 @@ def probe_effective_rank(model, probe_ids: torch.Tensor, device, chunk: int = 64
     return effective_rank(torch.cat(pooled))
 
 
-def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer,
-                    diverged: bool = False) -> Path:
-    """All processes call this. Written into a tmp dir, committed by an atomic rename (see checkpoint.py).
-    diverged: the state holds NaN/Inf (the NaN guard fired); it goes to checkpoint-<step>-diverged, apart
-    from the resumable checkpoints, and nothing is pruned."""
-    from safetensors.torch import save_file
-
-    suffix = ckpt.DIVERGED_SUFFIX if diverged else ""
-    tmp_dir = ckpt.tmp_checkpoint_dir(output_dir, state.step, suffix)
-    final_dir = output_dir / (ckpt.checkpoint_name(state.step) + suffix)
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
-        accelerator.save_state(str(tmp_dir))
-        fault_point("save", state.step)
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            if recipe.objective == "jepa":
-                teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
-                save_file(teacher, str(tmp_dir / TEACHER_FILE))
-            unwrapped.config.save_pretrained(tmp_dir)
-            tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
-            recipe.save(tmp_dir / "recipe.yaml")
-            _write_trainer_state(tmp_dir, state)
-    except Exception as err:
-        message = _describe_write_error(err, tmp_dir)  # before freeing the space the torn save took
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise CheckpointError(message) from err
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.commit_checkpoint(tmp_dir, final_dir)
-        fault_point("prune", state.step)
-        if not diverged:
-            ckpt.prune_checkpoints(output_dir, recipe.train.keep_last)
-    accelerator.wait_for_everyone()
-    return final_dir
-
-
-def _write_trainer_state(directory: Path, state: TrainerState) -> None:
-    path = directory / ckpt.COMPLETE_MARKER
-    with open(path, "w") as f:
-        json.dump(state.__dict__, f, indent=2, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_random_states(checkpoint_dir: Path, process_index: int) -> None:
-    """accelerate skips a missing/unreadable RNG file with an INFO line; say it out loud."""
-    path = checkpoint_dir / f"random_states_{process_index}.pkl"
-    if not path.is_file():
-        problem = "is missing"
-    else:
-        try:
-            states = torch.load(path, weights_only=False)
-            problem = None if isinstance(states, dict) and "torch_manual_seed" in states else "holds no RNG states"
-        except Exception as err:
-            problem = f"is unreadable ({type(err).__name__})"
-    if problem:
-        logger.warning("%s %s: the random number streams (dropout) restart from the seed, so this resume is "
-                       "no longer bit-exact", path, problem)
-
-
-def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> TrainerState:
-    from safetensors.torch import load_file
-
-    _check_random_states(checkpoint_dir, accelerator.process_index)
-    accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
-    if recipe.objective == "jepa":
-        # load on the CPU: load_state_dict copies onto the teacher's device ("cpu:0" is no safetensors device)
-        teacher = load_file(str(checkpoint_dir / TEACHER_FILE))
-        accelerator.unwrap_model(model).load_teacher_state_dict(teacher)
-    saved = json.loads((checkpoint_dir / ckpt.COMPLETE_MARKER).read_text())
-    known = set(TrainerState.__dataclass_fields__)
-    state = TrainerState(**{k: v for k, v in saved.items() if k in known})
-    if state.world_size != accelerator.num_processes:
-        logger.warning("%s was saved by %d processes, resuming with %d: the data order and RNG streams "
-                       "change, resume is no longer exact", checkpoint_dir, state.world_size,
-                       accelerator.num_processes)
-    state.world_size = accelerator.num_processes
-    return state
-
-
 def _update_teacher(accelerator, model, momentum: float) -> None:
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.distributed_type.name == "FSDP":  # untested here (no GPUs): full student params needed
@@ -267,7 +147,7 @@ def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[Trainer
     """Load the newest checkpoint that verifies and loads; newer broken ones are then set aside as
     checkpoint-<step>-corrupt (kept, never resumed) with a warning. (None, None) when there is no
     checkpoint; CheckpointError, with nothing moved, when none of them loads."""
-    teacher_file = TEACHER_FILE if recipe.objective == "jepa" else None
+    teacher_file = ckpt.TEACHER_FILE if recipe.objective == "jepa" else None
     failures = []  # (checkpoint, one line naming the bad file)
     for candidate in reversed(ckpt.list_checkpoints(output_dir)):
         problems = [ckpt.verify_checkpoint(candidate, teacher_file)]
