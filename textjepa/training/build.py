@@ -14,11 +14,10 @@ def jepa_config(recipe, tokenizer):
     model = dataclasses.asdict(recipe.model)
     kwargs = {k: v for k, v in model.items() if v is not None}
     kwargs["max_position_embeddings"] = recipe.model.max_position_embeddings or recipe.data.block_size
-    ema_schedule = "constant" if recipe.ema.schedule == "frozen" else recipe.ema.schedule
     return TextJepaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, ema_momentum_start=recipe.ema.momentum_start,
-        ema_momentum_end=recipe.ema.momentum_end, ema_schedule=ema_schedule, **kwargs)
+        ema_momentum_end=recipe.ema.momentum_end, ema_schedule=recipe.ema.schedule, **kwargs)
 
 
 def mlm_config(recipe, tokenizer):
