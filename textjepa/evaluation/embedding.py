@@ -37,8 +37,9 @@ def default_max_length(config, tokenizer, model_dir=None, cap=512):
     positions = getattr(config, "max_position_embeddings", None)
     if positions:
         if "roberta" in getattr(config, "model_type", ""):
-            # RoBERTa numbers positions from padding_idx + 1: a table of P rows holds P - pad - 1 tokens
-            positions -= (config.pad_token_id or 0) + 1
+            from textjepa.data import roberta_position_offset
+
+            positions -= roberta_position_offset(config.pad_token_id)
         candidates.append(int(positions))
     return min(candidates)
 
@@ -233,3 +234,34 @@ class SentenceEncoder:
         if self.normalize if normalize is None else normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return torch.from_numpy(vectors) if convert_to_tensor else vectors
+
+
+def encode_distinct(encoder, *text_lists, show_progress=False, **encode_kwargs):
+    """One (len(texts), H) array per list in `text_lists` (None stays None); every distinct text across
+    all lists is encoded exactly once, by encoder.encode."""
+    unique = sorted({text for texts in text_lists if texts is not None for text in texts})
+    embeddings = encoder.encode(unique, show_progress=show_progress, **encode_kwargs)  # (U, H)
+    row_of = {text: i for i, text in enumerate(unique)}
+    return [None if texts is None else embeddings[[row_of[t] for t in texts]] for texts in text_lists]
+
+
+def encoder_main(argv, description, add_arguments, evaluate, summary):
+    """The shared `main()` of the per-task modules (sts, retrieval): --model and --pooling (+ the task's
+    own flags from add_arguments(parser)); evaluate(args) -> results, printed as summary(args, results)
+    and written with bootstrap intervals to --output."""
+    import argparse
+
+    from textjepa.evaluation.metrics import with_intervals
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True)
+    add_arguments(parser)
+    parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    results = evaluate(args)
+    print(summary(args, results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(with_intervals(results), f, indent=2)
+    return 0
