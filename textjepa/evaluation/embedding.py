@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
-from textjepa.evaluation.whitening import WHITENING_FILE, apply_whitening, load_whitening
+from textjepa.evaluation.whitening import (WHITENING_FILE, apply_whitening, fit_whitening, load_whitening,
+                                           read_unlabeled_texts, save_whitening)
 
 POOLINGS = ("mean", "cls")
 
@@ -264,4 +265,30 @@ def encoder_main(argv, description, add_arguments, evaluate, summary):
     if args.output:
         with open(args.output, "w") as f:
             json.dump(with_intervals(results), f, indent=2)
+    return 0
+
+
+# ---------------------------------------------------------------- shipped whitening
+def ship_whitening(model_dir, source, max_docs=8_800):
+    """Fit whitening on the model's raw pooled vectors of up to max_docs unlabeled texts from `source`
+    and save it in model_dir, so every SentenceEncoder (and the suite) uses it as part of the model.
+    An existing whitening file is replaced (the fit always starts from the raw vectors)."""
+    path = os.path.join(str(model_dir), WHITENING_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+    texts = read_unlabeled_texts(source, max_docs)
+    vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
+    return save_whitening(model_dir, *fit_whitening(vectors))
+
+
+def whiten_main(argv=None):
+    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N]: ship whitening inside a model directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="textjepa whiten", description=whiten_main.__doc__)
+    parser.add_argument("--model", required=True, help="encoder directory (an export); whitening.safetensors goes here")
+    parser.add_argument("--on", required=True, metavar="FILE_OR_GLOB", help="unlabeled text: txt/jsonl/csv/parquet")
+    parser.add_argument("--max-docs", type=int, default=8_800, help="texts sampled evenly across files (500 chars each)")
+    args = parser.parse_args(argv)
+    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs)}")
     return 0

@@ -3,8 +3,9 @@
     mean, matrix = fit_whitening(vectors)          # vectors: (N, H) raw (un-normalised) pooled embeddings
     white = apply_whitening(x, mean, matrix)       # (x - mean) @ matrix
     save_whitening(model_dir, mean, matrix)        # model_dir/whitening.safetensors: SentenceEncoder applies it
-    ship_whitening(model_dir, "corpus/*.parquet")  # fit on a sample of unlabeled text and save it beside the model
-    textjepa whiten --model DIR --on 'corpus/*.parquet' [--max-docs 8800]   # the same from the shell
+
+ship_whitening and `textjepa whiten` (fit on a sample of unlabeled text with the model's own
+SentenceEncoder, save beside the model) live in embedding.py, beside the encoder they run.
 
 ZCA whitening: matrix = U diag(1 / sqrt(s + eps * mean(s))) U^T from the eigendecomposition of the
 covariance, so the whitened vectors have (nearly) identity covariance and stay in the original basis.
@@ -53,20 +54,6 @@ def save_whitening(model_dir, mean, matrix):
     return path
 
 
-def ship_whitening(model_dir, source, max_docs=8_800):
-    """Fit whitening on the model's raw pooled vectors of up to max_docs unlabeled texts from `source`
-    and save it in model_dir, so every SentenceEncoder (and the suite) uses it as part of the model.
-    An existing whitening file is replaced (the fit always starts from the raw vectors)."""
-    from textjepa.evaluation.embedding import SentenceEncoder
-
-    path = os.path.join(str(model_dir), WHITENING_FILE)
-    if os.path.exists(path):
-        os.remove(path)
-    texts = read_unlabeled_texts(source, max_docs)
-    vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
-    return save_whitening(model_dir, *fit_whitening(vectors))
-
-
 def load_whitening(model_dir):
     """(mean, matrix) from model_dir/whitening.safetensors, or None when the file is absent."""
     from safetensors.numpy import load_file
@@ -101,16 +88,3 @@ def read_unlabeled_texts(source, max_docs=10_000, max_chars=500, seed=0):
         rows = rng.choice(len(column), size=min(per_file, len(column)), replace=False)
         texts += [column[int(i)][:max_chars] for i in sorted(rows)]
     return texts[:max_docs]
-
-
-def main(argv=None):
-    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N]: ship whitening inside a model directory."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="textjepa whiten", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="encoder directory (an export); whitening.safetensors goes here")
-    parser.add_argument("--on", required=True, metavar="FILE_OR_GLOB", help="unlabeled text: txt/jsonl/csv/parquet")
-    parser.add_argument("--max-docs", type=int, default=8_800, help="texts sampled evenly across files (500 chars each)")
-    args = parser.parse_args(argv)
-    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs)}")
-    return 0

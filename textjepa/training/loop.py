@@ -455,7 +455,7 @@ def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_l
         export_model(unwrapped, recipe, tokenizer, export_dir, which=train_cfg.export_which, trainer_state=state)
         summary["export"] = str(export_dir)
         if train_cfg.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
-            from textjepa.evaluation.whitening import ship_whitening
+            from textjepa.evaluation.embedding import ship_whitening
 
             from .batches import text_source
 
