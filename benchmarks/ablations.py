@@ -22,8 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_pretraining import (  # noqa: E402
+from compare_pretraining import (  # a sibling script: benchmarks/ is on sys.path when run as a script
     SIZES,
     export_random_encoder,
     read_summary,

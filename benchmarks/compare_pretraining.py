@@ -335,12 +335,12 @@ def main(argv=None):
 
 def suite_scores(suite):
     """{row label: {model name: score}} from `textjepa evaluate`'s JSON."""
-    from textjepa.evaluation.suite import _model_name, table_rows
+    from textjepa.evaluation.suite import model_name, table_rows
 
     scores = {}
     for model in suite["models"]:
         for label, value in table_rows(suite["results"][model]["tasks"]):
-            scores.setdefault(label, {})[_model_name(model)] = value
+            scores.setdefault(label, {})[model_name(model)] = value
     return scores
 
 
@@ -349,24 +349,19 @@ def step_flops(run_dir, objective):
     benchmarks/throughput.py), from the run's resolved recipe."""
     import yaml
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import jepa_step_flops, mlm_step_flops
+    from throughput import jepa_step_flops, mlm_step_flops  # a sibling script (benchmarks/ is on sys.path)
 
-    from textjepa.masking import MaskingConfig
+    from textjepa.training.batches import masking_config, resolve_tokenizer
     from textjepa.training.build import jepa_config, mlm_config
     from textjepa.training.recipe import parse_recipe
-
-    from textjepa.training.batches import resolve_tokenizer
 
     recipe = parse_recipe(yaml.safe_load((Path(run_dir) / "recipe.yaml").read_text()), str(run_dir))
     tokenizer = resolve_tokenizer(recipe, Path(run_dir), is_main=True)
     batch, length = recipe.train.batch_size * recipe.train.grad_accum, recipe.data.block_size
     if objective == "mlm":
         return mlm_step_flops(mlm_config(recipe, tokenizer), batch, length)
-    mask = recipe.mask
-    num_target, _, num_context, _ = MaskingConfig(
-        num_masks=mask.num_masks, target_ratio=mask.target_ratio, num_spans=mask.num_spans,
-        mean_span_length=mask.mean_span_length, extra_context_drop=mask.extra_context_drop).counts(length)
+    mask = masking_config(recipe, tokenizer)  # the loop's own mapping, every mask field included
+    num_target, _, num_context, _ = mask.counts(length)
     return jepa_step_flops(jepa_config(recipe, tokenizer), batch, length, mask.num_masks, num_context, num_target)
 
 

@@ -43,13 +43,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from transformers import RobertaForMaskedLM
 
-from transformers import RobertaConfig, RobertaForMaskedLM  # noqa: E402
-
-from textjepa import TextJepaConfig, TextJepaForPreTraining  # noqa: E402
-from textjepa.masking import MaskingConfig, SpanMaskCollator  # noqa: E402
-from textjepa.modeling_textjepa import per_dimension_std  # noqa: E402
+from textjepa import TextJepaConfig, TextJepaForPreTraining
+from textjepa.masking import MaskingConfig, SpanMaskCollator
+from textjepa.modeling_textjepa import per_dimension_std
+from textjepa.training import build
 
 CONFIGS = {
     # name: (hidden, layers, heads, ffn)
@@ -98,10 +97,7 @@ def make_mlm_batches(vocab, batch, length, count, ratio=0.15, seed=0):
 
 def adamw(model):
     # fused AdamW (one kernel over all params) where torch supports it, else foreach
-    try:
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, foreach=True)
+    return build.adamw(model.parameters(), lr=1e-4, weight_decay=0.01)
 
 
 def build_jepa(size, vocab, attn, length):
@@ -118,14 +114,11 @@ def build_jepa(size, vocab, attn, length):
 
 def build_mlm(size, vocab, attn, length, hf_defaults=False):
     hidden, layers, heads, ffn = CONFIGS[size]
-    kwargs = dict(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-        intermediate_size=ffn, max_position_embeddings=max(512, length) + 2, type_vocab_size=1,
-        pad_token_id=PAD_TOKEN_ID, bos_token_id=0, eos_token_id=2,
-    )
+    kwargs = {}
     if not hf_defaults:  # equal settings: no dropout, the same attention kernel as textjepa
         kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
-    model = RobertaForMaskedLM(RobertaConfig(**kwargs)).train()
+    config = build.roberta_config(vocab, hidden, layers, heads, ffn, max(512, length), PAD_TOKEN_ID, 0, 2, **kwargs)
+    model = RobertaForMaskedLM(config).train()
     return model, adamw(model)
 
 

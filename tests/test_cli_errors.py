@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from test_train import REPO, generated_corpus, quiet, tiny_data, tiny_recipe  # noqa: F401 (fixture)
 
 from textjepa.cli import main as cli_main
+from textjepa.training import checkpoint as ckpt
 from textjepa.training import loop
 
 
@@ -53,8 +54,8 @@ def truncate(path):
 
 
 def nan_teacher(checkpoint):
-    teacher = load_file(str(checkpoint / loop.TEACHER_FILE))
-    save_file({k: torch.full_like(v, float("nan")) for k, v in teacher.items()}, str(checkpoint / loop.TEACHER_FILE))
+    teacher = load_file(str(checkpoint / ckpt.TEACHER_FILE))
+    save_file({k: torch.full_like(v, float("nan")) for k, v in teacher.items()}, str(checkpoint / ckpt.TEACHER_FILE))
 
 
 def wrong_shape(export):

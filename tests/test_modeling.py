@@ -291,16 +291,6 @@ def test_teacher_state_dict_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(other.teacher_state_dict().values(), state.values()))
 
 
-def test_ema_momentum_schedules():
-    for schedule, middle in (("cosine", 0.998), ("linear", 0.998), ("constant", 0.996)):
-        model = TextJepaForPreTraining(make_config(ema_schedule=schedule))
-        assert model.ema_momentum(0, 100) == pytest.approx(0.996)
-        assert model.ema_momentum(50, 100) == pytest.approx(middle)
-        assert model.ema_momentum(100, 100) == pytest.approx(1.0 if schedule != "constant" else 0.996)
-    model = TextJepaForPreTraining(make_config(ema_schedule="cosine"))
-    assert model.ema_momentum(25, 100) < 0.998  # cosine moves slowly at first
-
-
 @pytest.mark.parametrize("loss_type", ["smooth_l1", "mse"])
 def test_loss_is_zero_iff_predictions_equal_targets(loss_type):
     model = TextJepaForPreTraining(make_config(loss_type=loss_type, sentence_loss_weight=0.0))  # token loss only

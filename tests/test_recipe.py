@@ -99,6 +99,16 @@ def test_weight_decay_schedule():
     assert schedules.weight_decay(70, 100, 0.04, None) == 0.04
 
 
+def test_ema_momentum_schedules():  # moved from test_modeling.py with the schedule (issue 14)
+    for schedule, middle in (("cosine", 0.998), ("linear", 0.998), ("constant", 0.996)):
+        def momentum(step, total):
+            return schedules.ema_momentum(step, total, 0.996, 1.0, schedule)
+        assert momentum(0, 100) == pytest.approx(0.996)
+        assert momentum(50, 100) == pytest.approx(middle)
+        assert momentum(100, 100) == pytest.approx(1.0 if schedule != "constant" else 0.996)
+    assert schedules.ema_momentum(25, 100, 0.996, 1.0, "cosine") < 0.998  # cosine moves slowly at first
+
+
 def test_effective_rank():
     torch.manual_seed(0)
     full = torch.randn(512, 32)

@@ -83,7 +83,7 @@ def quiet(*args, **kwargs):
 def teacher_state(checkpoint_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(Path(checkpoint_dir) / loop.TEACHER_FILE))
+    return load_file(str(Path(checkpoint_dir) / ckpt.TEACHER_FILE))
 
 
 def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
@@ -176,7 +176,7 @@ def test_kill_during_save_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch
 
     out = tmp_path / "run"
     recipe = tiny_recipe(tiny_data, out, **{"train.save_every": 3, "train.max_steps": 6})
-    real_write = loop._write_trainer_state
+    real_write = ckpt.write_trainer_state
     calls = []
 
     def dies_on_second_save(directory, state):
@@ -186,7 +186,7 @@ def test_kill_during_save_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch
             raise KeyboardInterrupt("simulated kill during save")
         real_write(directory, state)
 
-    monkeypatch.setattr(loop, "_write_trainer_state", dies_on_second_save)
+    monkeypatch.setattr(ckpt, "write_trainer_state", dies_on_second_save)
     with pytest.raises(KeyboardInterrupt):
         loop.train(recipe, announce=quiet)
     assert calls == [3, 6]
@@ -195,7 +195,7 @@ def test_kill_during_save_keeps_last_checkpoint(tiny_data, tmp_path, monkeypatch
     _, model, _, state = load_checkpoint_model(out / "checkpoint-00000003")
     assert state.step == 3 and all(torch.isfinite(p).all() for p in model.parameters())
 
-    monkeypatch.setattr(loop, "_write_trainer_state", real_write)
+    monkeypatch.setattr(ckpt, "write_trainer_state", real_write)
     summary = loop.train(recipe, resume=True, announce=quiet)
     assert summary["steps"] == 6 and not ckpt.tmp_checkpoint_dir(out, 6).exists()
     assert [p.name for p in ckpt.list_checkpoints(out)] == ["checkpoint-00000003", "checkpoint-00000006"]

@@ -5,7 +5,7 @@
     textjepa export ...            -> textjepa.training.export.main
     textjepa evaluate ...          -> textjepa.evaluation.suite.main
     textjepa glue ...              -> textjepa.evaluation.glue.main
-    textjepa whiten ...            -> textjepa.evaluation.whitening.main
+    textjepa whiten ...            -> textjepa.evaluation.embedding.whiten_main
 
 A failure ends with one line on stderr naming the file or key and what was expected, and a non-zero
 exit code; `--debug` (anywhere on the command line) or TEXTJEPA_DEBUG=1 prints the traceback too.
@@ -23,7 +23,7 @@ COMMANDS = {
     "export": ("textjepa.training.export", "main"),
     "evaluate": ("textjepa.evaluation.suite", "main"),
     "glue": ("textjepa.evaluation.glue", "main"),
-    "whiten": ("textjepa.evaluation.whitening", "main"),
+    "whiten": ("textjepa.evaluation.embedding", "whiten_main"),
 }
 
 

@@ -79,8 +79,10 @@ class TextJepaConfig(PreTrainedConfig):
             (B*K, H): "vicreg" (hinge on each dimension's std up to 1 + squared off-diagonal covariance)
             or "sigreg" (LeJEPA: Epps-Pulley normality test on sigreg_num_slices random 1-D projections,
             pushing the batch towards an isotropic Gaussian); "none" (default) or weight 0 = off.
-    EMA teacher:
-        ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant").
+    EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
+    textjepa.training.schedules.ema_momentum and passes it to update_teacher):
+        ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
+        or "frozen": never updated).
     Downstream heads:
         classifier_pooling ("mean" over non-padding tokens, or "cls" = first token), classifier_dropout.
     """
@@ -128,7 +130,7 @@ class TextJepaConfig(PreTrainedConfig):
     # EMA teacher
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0
-    ema_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    ema_schedule: Literal["cosine", "linear", "constant", "frozen"] = "cosine"
     # heads
     classifier_pooling: Literal["mean", "cls"] = "mean"
     classifier_dropout: float | None = None

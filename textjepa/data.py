@@ -37,6 +37,14 @@ EXTENSION_BUILDERS = {
 }
 GLOB_CHARS = set("*?[")
 
+
+def datasets_builder(path: str) -> str | None:
+    """The `datasets` packaged builder that reads `path`, by extension (a trailing .gz is looked through:
+    the builders decompress it), or None."""
+    name = path.lower()
+    name = name[:-3] if name.endswith(".gz") else name
+    return EXTENSION_BUILDERS.get(os.path.splitext(name)[1])
+
 # documents per datasets.map batch when packing: the unfilled tail of each batch (< block_size tokens)
 # is dropped, so large batches waste less (1000 docs of ~200 tokens waste < 0.1%).
 PACK_BATCH_DOCS = 1000
@@ -245,6 +253,11 @@ def separator_token_id(tokenizer):
         if token_id is not None:
             return token_id
     raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither an eos nor a sep token to separate documents")
+
+
+def roberta_position_offset(pad_token_id) -> int:
+    """RoBERTa numbers positions from padding_idx + 1: a position table of P rows holds P - offset tokens."""
+    return (pad_token_id or 0) + 1
 
 
 def check_block_size(block_size, max_position_embeddings):

@@ -47,6 +47,7 @@ masks and runs are reproducible whenever torch is seeded (worker seeds derive fr
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -61,7 +62,7 @@ class MaskingConfig:
     num_masks: int = 1  # K independent masks per sequence (the teacher reads the sequence once)
     target_ratio: float = 0.3  # fraction of positions that are targets, exact per row after rounding
     num_spans: int | None = 4  # target spans per mask (ignored when mean_span_length is set)
-    span_length_distribution: str = "uniform"  # "uniform" (0.5x..1.5x the mean), "geometric", "poisson"
+    span_length_distribution: Literal["uniform", "geometric", "poisson"] = "uniform"  # "uniform" (0.5x..1.5x the mean), "geometric", "poisson"
     mean_span_length: float | None = None  # when set: num_spans = round(Nt / mean_span_length)
     min_span_length: int = 1
     extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
@@ -69,7 +70,7 @@ class MaskingConfig:
     special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
     num_views: int = 1  # 2, 4, ...: cut each block into that many segments (rows) for the cross-view target
     separator_token_id: int | None = None  # the packer's document separator (cross-view pairs check it)
-    views: str = "none"  # "document_halves": segment_ids per half document piece (see the module doc)
+    views: Literal["none", "document_halves"] = "none"  # "document_halves": segment_ids per half document piece (see the module doc)
 
     def __post_init__(self):
         self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))

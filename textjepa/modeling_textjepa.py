@@ -16,7 +16,6 @@ student), K masks per sequence, Nc context tokens, Nt target tokens, H hidden si
 """
 
 import copy
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -98,10 +97,6 @@ def rotate_half(x):
 def rotate(x, cos, sin):
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos + rotate_half(x) * sin
-
-
-def apply_rotary(query, key, cos, sin):
-    return rotate(query, cos, sin), rotate(key, cos, sin)
 
 
 def select_tokens(x, index, dim=1):
@@ -635,16 +630,6 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
 
     def load_teacher_state_dict(self, state_dict):
         self.teacher.load_state_dict(state_dict, strict=True)
-
-    def ema_momentum(self, step, total_steps):
-        """EMA momentum at optimizer step `step` of `total_steps`, from the config's schedule."""
-        start, end = self.config.ema_momentum_start, self.config.ema_momentum_end
-        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        if self.config.ema_schedule == "constant":
-            return start
-        if self.config.ema_schedule == "linear":
-            return start + (end - start) * progress
-        return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
     def export_encoder(self, save_directory, which="teacher", auto_map=False, **save_kwargs):
         """Save the teacher (default) or student as a plain `TextJepaModel` directory (safetensors).

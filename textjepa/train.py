@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if PartialState().is_main_process:
         print(format_summary(summary))
         if summary.get("export") and recipe.log.sanity_check:
-            from textjepa.training.sanity import sanity_check
+            from textjepa.evaluation.sanity import sanity_check
 
             print(sanity_check(summary["export"]))
     return 0

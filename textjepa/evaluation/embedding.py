@@ -19,10 +19,17 @@ from tqdm.auto import tqdm
 
 from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
 from textjepa.evaluation.whitening import (
+    TOKEN_WEIGHTS,
+    TOKEN_WEIGHTS_FILE,
     WHITENING_FILE,
     apply_whitening,
+    fit_sif_weights,
+    fit_whitening,
     load_token_weights,
     load_whitening,
+    read_unlabeled_texts,
+    save_token_weights,
+    save_whitening,
 )
 
 POOLINGS = ("mean", "cls")
@@ -42,8 +49,9 @@ def default_max_length(config, tokenizer, model_dir=None, cap=512):
     positions = getattr(config, "max_position_embeddings", None)
     if positions:
         if "roberta" in getattr(config, "model_type", ""):
-            # RoBERTa numbers positions from padding_idx + 1: a table of P rows holds P - pad - 1 tokens
-            positions -= (config.pad_token_id or 0) + 1
+            from textjepa.data import roberta_position_offset
+
+            positions -= roberta_position_offset(config.pad_token_id)
         candidates.append(int(positions))
     return min(candidates)
 
@@ -250,3 +258,68 @@ class SentenceEncoder:
         if self.normalize if normalize is None else normalize:
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return torch.from_numpy(vectors) if convert_to_tensor else vectors
+
+
+def encode_distinct(encoder, *text_lists, show_progress=False, **encode_kwargs):
+    """One (len(texts), H) array per list in `text_lists` (None stays None); every distinct text across
+    all lists is encoded exactly once, by encoder.encode."""
+    unique = sorted({text for texts in text_lists if texts is not None for text in texts})
+    embeddings = encoder.encode(unique, show_progress=show_progress, **encode_kwargs)  # (U, H)
+    row_of = {text: i for i, text in enumerate(unique)}
+    return [None if texts is None else embeddings[[row_of[t] for t in texts]] for texts in text_lists]
+
+
+def encoder_main(argv, description, add_arguments, evaluate, summary):
+    """The shared `main()` of the per-task modules (sts, retrieval): --model and --pooling (+ the task's
+    own flags from add_arguments(parser)); evaluate(args) -> results, printed as summary(args, results)
+    and written with bootstrap intervals to --output."""
+    import argparse
+
+    from textjepa.evaluation.metrics import with_intervals
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True)
+    add_arguments(parser)
+    parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    results = evaluate(args)
+    print(summary(args, results))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(with_intervals(results), f, indent=2)
+    return 0
+
+
+# ---------------------------------------------------------------- shipped whitening
+def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
+    """Fit the post-processing on up to max_docs unlabeled texts from `source` and save it in model_dir,
+    so every SentenceEncoder (and the suite) uses it as part of the model: with token_weights="sif" the
+    SIF weights first, then whitening of the (weighted) mean-pooled vectors. Files already there are
+    replaced (the fit always starts from the raw vectors). Returns the whitening file's path."""
+    if token_weights not in TOKEN_WEIGHTS:
+        raise ValueError(f"token_weights={token_weights!r}; expected one of {TOKEN_WEIGHTS}")
+    for name in (WHITENING_FILE, TOKEN_WEIGHTS_FILE):
+        if os.path.exists(os.path.join(str(model_dir), name)):
+            os.remove(os.path.join(str(model_dir), name))
+    texts = read_unlabeled_texts(source, max_docs)
+    if token_weights == "sif":
+        save_token_weights(model_dir, fit_sif_weights(load_encoder(str(model_dir))[1], texts))
+    vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
+    return save_whitening(model_dir, *fit_whitening(vectors))
+
+
+def whiten_main(argv=None):
+    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N] [--token-weights sif|none]: ship the
+    post-processing (SIF token weights, whitening) inside a model directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="textjepa whiten", description=whiten_main.__doc__)
+    parser.add_argument("--model", required=True, help="encoder directory (an export); whitening.safetensors goes here")
+    parser.add_argument("--on", required=True, metavar="FILE_OR_GLOB", help="unlabeled text: txt/jsonl/csv/parquet")
+    parser.add_argument("--max-docs", type=int, default=8_800, help="texts sampled evenly across files (500 chars each)")
+    parser.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="sif",
+                        help="sif: SIF-weighted mean pooling (token_weights.safetensors), fitted on the same texts")
+    args = parser.parse_args(argv)
+    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs, args.token_weights)}")
+    return 0

@@ -49,18 +49,15 @@ def score(spec, labels, predictions):
 # ---------------------------------------------------------------- linear probe
 def probe_features(encoder, spec, show_progress=False):
     """{split: (N, D) features}; every distinct text across all splits is encoded exactly once."""
-    texts_by_split = {split: texts_of(spec, split) for split in spec.splits}
-    unique = sorted({t for s1, s2 in texts_by_split.values() for t in s1 + (s2 or [])})
-    embeddings = encoder.encode(unique, show_progress=show_progress)  # (U, H)
-    row_of = {text: i for i, text in enumerate(unique)}
+    from textjepa.evaluation.embedding import encode_distinct
+
+    splits = list(spec.splits)
+    text_lists = [texts for split in splits for texts in texts_of(spec, split)]  # s1, s2 (or None) per split
+    embedded = encode_distinct(encoder, *text_lists, show_progress=show_progress)
     features = {}
-    for split, (s1, s2) in texts_by_split.items():
-        u = embeddings[[row_of[t] for t in s1]]
-        if s2 is None:
-            features[split] = u
-        else:
-            v = embeddings[[row_of[t] for t in s2]]
-            features[split] = np.concatenate([u, v, np.abs(u - v), u * v], axis=1)  # (N, 4H)
+    for i, split in enumerate(splits):
+        u, v = embedded[2 * i], embedded[2 * i + 1]
+        features[split] = u if v is None else np.concatenate([u, v, np.abs(u - v), u * v], axis=1)  # (N, 4H)
     return features
 
 
@@ -164,14 +161,16 @@ def layer_depth(name, num_layers):
 
 
 def parameter_groups(model, learning_rate, weight_decay, layerwise_lr_decay=1.0):
-    """AdamW groups: no weight decay on biases and norms; with layerwise_lr_decay < 1 the learning rate
-    shrinks by that factor per layer from the head down to the embeddings (ELECTRA / BEiT style)."""
-    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+    """AdamW groups: no weight decay on biases and norms (pretraining's takes_weight_decay); with
+    layerwise_lr_decay < 1 the learning rate shrinks by that factor per layer from the head down to the
+    embeddings (ELECTRA / BEiT style)."""
+    from textjepa.training.build import takes_weight_decay
+
     num_layers = model.config.num_hidden_layers
     groups = {}
     for name, parameter in model.named_parameters():
         depth = layer_depth(name, num_layers)
-        decay = 0.0 if any(nd in name for nd in no_decay) else weight_decay
+        decay = weight_decay if takes_weight_decay(name, parameter) else 0.0
         lr = learning_rate * layerwise_lr_decay ** (num_layers + 1 - depth)
         groups.setdefault((lr, decay), []).append(parameter)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]

@@ -99,6 +99,14 @@ def mrr_at_k(ranked_ids, relevance, k):
     return 0.0
 
 
+def diagonal_top1_and_mrr(similarity):
+    """(top-1 accuracy, MRR over the full ranking) of a (Q, Q) torch similarity matrix whose right
+    answer for query i is column i (ties counted in the query's favour)."""
+    correct = similarity.diagonal().unsqueeze(1)
+    ranks = (similarity > correct).sum(dim=1) + 1
+    return float((ranks == 1).float().mean()), float((1.0 / ranks.float()).mean())
+
+
 def retrieval_per_query(rankings, qrels, ndcg_ks=(10,), recall_ks=(1, 10, 100), mrr_ks=(10,)):
     """{metric: (Q,) per-query values in qrels order}, computed by pytrec_eval (trec_eval's C code).
 

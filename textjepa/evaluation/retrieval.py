@@ -10,7 +10,6 @@ the running (query_chunk x k) best, however large the corpus. Metrics: nDCG@10, 
 when the set has no validation judgements).
 """
 
-import argparse
 import csv
 import gzip
 import json
@@ -20,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from textjepa.evaluation.metrics import bootstrap_replicates, retrieval_per_query, with_intervals
+from textjepa.evaluation.metrics import bootstrap_replicates, retrieval_per_query
 
 
 def _open(path):
@@ -166,28 +165,24 @@ def retrieval_result(rankings, qrels_by_split, num_documents, model_name, name, 
 
 
 def main(argv=None):
-    from textjepa.evaluation.embedding import SentenceEncoder
+    from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
 
-    p = argparse.ArgumentParser(description="dense retrieval on a BEIR folder")
-    p.add_argument("--model", required=True)
-    p.add_argument("--data_dir", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_queries", type=int, default=None, help="score only the first N judged queries (full corpus)")
-    p.add_argument("--output", default=None)
-    args = p.parse_args(argv)
-    corpus, queries, qrels = load_beir(args.data_dir, args.split)
-    if args.max_queries:
-        qrels = dict(list(qrels.items())[:args.max_queries])
-    encoder = SentenceEncoder(args.model, pooling=args.pooling, batch_size=args.batch_size)
-    results = evaluate_retrieval(encoder, corpus, queries, {args.split: qrels}, show_progress=True,
-                                 name=os.path.basename(os.path.normpath(args.data_dir)))
-    print(" ".join(f"{key} {value:.2f}" for key, value in results[args.split].items()))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(with_intervals(results), f, indent=2)
-    return 0
+    def add_arguments(p):
+        p.add_argument("--data_dir", required=True)
+        p.add_argument("--split", default="test")
+        p.add_argument("--batch_size", type=int, default=64)
+        p.add_argument("--max_queries", type=int, default=None, help="score only the first N judged queries (full corpus)")
+
+    def evaluate(args):
+        corpus, queries, qrels = load_beir(args.data_dir, args.split)
+        if args.max_queries:
+            qrels = dict(list(qrels.items())[:args.max_queries])
+        encoder = SentenceEncoder(args.model, pooling=args.pooling, batch_size=args.batch_size)
+        return evaluate_retrieval(encoder, corpus, queries, {args.split: qrels}, show_progress=True,
+                                  name=os.path.basename(os.path.normpath(args.data_dir)))
+
+    return encoder_main(argv, "dense retrieval on a BEIR folder", add_arguments, evaluate,
+                        lambda args, r: " ".join(f"{key} {value:.2f}" for key, value in r[args.split].items()))
 
 
 if __name__ == "__main__":

@@ -3,23 +3,19 @@
     python -m textjepa.evaluation.sts --model DIR --task_dir ../shared/data/eval/stsb [--split test]
 """
 
-import argparse
-import json
 import time
 
 import numpy as np
 
-from textjepa.evaluation.metrics import bootstrap_replicates, pearson, spearman, with_intervals
+from textjepa.evaluation.metrics import bootstrap_replicates, pearson, spearman
 from textjepa.evaluation.tasks import labels_of, load_task_dir, texts_of
 
 
 def cosine_scores(encoder, sentences1, sentences2, show_progress=False):
     """(N,) cosine similarity of each pair; every distinct sentence is encoded once."""
-    unique = sorted(set(sentences1) | set(sentences2))
-    embeddings = encoder.encode(unique, show_progress=show_progress, normalize=True)  # (U, H), unit rows
-    row_of = {text: i for i, text in enumerate(unique)}
-    u = embeddings[[row_of[t] for t in sentences1]]
-    v = embeddings[[row_of[t] for t in sentences2]]
+    from textjepa.evaluation.embedding import encode_distinct
+
+    u, v = encode_distinct(encoder, sentences1, sentences2, show_progress=show_progress, normalize=True)  # unit rows
     return (u * v).sum(axis=1)
 
 
@@ -57,22 +53,18 @@ def sts_result(spec, split, cosine, model_name, start):
 
 
 def main(argv=None):
-    from textjepa.evaluation.embedding import SentenceEncoder
+    from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
 
-    p = argparse.ArgumentParser(description="zero-shot STS (cosine Spearman x100)")
-    p.add_argument("--model", required=True)
-    p.add_argument("--task_dir", required=True)
-    p.add_argument("--split", default="test")
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
-    p.add_argument("--output", default=None)
-    args = p.parse_args(argv)
-    results = evaluate_sts_task(SentenceEncoder(args.model, pooling=args.pooling), load_task_dir(args.task_dir),
-                                args.split, show_progress=True)
-    print(f"{results['task']} zero-shot {args.split}: spearman {results[args.split]['spearman']:.2f}")
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(with_intervals(results), f, indent=2)
-    return 0
+    def add_arguments(p):
+        p.add_argument("--task_dir", required=True)
+        p.add_argument("--split", default="test")
+
+    def evaluate(args):
+        return evaluate_sts_task(SentenceEncoder(args.model, pooling=args.pooling), load_task_dir(args.task_dir),
+                                 args.split, show_progress=True)
+
+    return encoder_main(argv, "zero-shot STS (cosine Spearman x100)", add_arguments, evaluate,
+                        lambda args, r: f"{r['task']} zero-shot {args.split}: spearman {r[args.split]['spearman']:.2f}")
 
 
 if __name__ == "__main__":

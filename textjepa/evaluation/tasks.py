@@ -63,15 +63,11 @@ def read_split_file(path):
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: file does not exist")
-    lower = path.lower()
-    if lower.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-        builder = "json"
-    elif lower.endswith((".csv", ".csv.gz")):
-        builder = "csv"
-    elif lower.endswith(".parquet"):
-        builder = "parquet"
-    else:
+    from textjepa.data import datasets_builder
+
+    if not path.lower().endswith(EXTENSIONS):
         raise ValueError(f"{path}: unsupported extension; expected one of {EXTENSIONS}")
+    builder = datasets_builder(path)
     if os.path.getsize(path) == 0:
         raise ValueError(f"{path}: empty split (file has no bytes)")
     dataset = datasets.load_dataset(builder, data_files=path, split="train")

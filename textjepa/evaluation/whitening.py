@@ -6,8 +6,10 @@ directory: SIF token weights for the mean pooling, then whitening, then L2 norma
     save_whitening(model_dir, mean, matrix)        # model_dir/whitening.safetensors: SentenceEncoder applies it
     weights = fit_sif_weights(tokenizer, texts)    # (V,) a / (a + p(token)), p counted on the texts
     save_token_weights(model_dir, weights)         # model_dir/token_weights.safetensors: weighted mean pooling
-    ship_whitening(model_dir, "corpus/*.parquet", token_weights="sif")  # fit both on unlabeled text, save them
-    textjepa whiten --model DIR --on 'corpus/*.parquet' [--max-docs 8800] [--token-weights sif|none]
+
+ship_whitening(model_dir, "corpus/*.parquet", token_weights="sif") and `textjepa whiten --model DIR --on GLOB
+[--token-weights sif|none]` fit both on a sample of unlabeled text with the model's own SentenceEncoder and
+save them beside the model; they live in embedding.py, beside the encoder they run.
 
 SIF weights (Arora et al. 2017, "smooth inverse frequency"): the mean pooling becomes a weighted mean
 with weight a / (a + p(t)) for token t of unigram probability p(t), so frequent tokens (function words,
@@ -96,25 +98,6 @@ def load_token_weights(model_dir, vocab_size=None):
     return weights
 
 
-def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
-    """Fit the post-processing on up to max_docs unlabeled texts from `source` and save it in model_dir,
-    so every SentenceEncoder (and the suite) uses it as part of the model: with token_weights="sif" the
-    SIF weights first, then whitening of the (weighted) mean-pooled vectors. Files already there are
-    replaced (the fit always starts from the raw vectors). Returns the whitening file's path."""
-    from textjepa.evaluation.embedding import SentenceEncoder, load_encoder
-
-    if token_weights not in TOKEN_WEIGHTS:
-        raise ValueError(f"token_weights={token_weights!r}; expected one of {TOKEN_WEIGHTS}")
-    for name in (WHITENING_FILE, TOKEN_WEIGHTS_FILE):
-        if os.path.exists(os.path.join(str(model_dir), name)):
-            os.remove(os.path.join(str(model_dir), name))
-    texts = read_unlabeled_texts(source, max_docs)
-    if token_weights == "sif":
-        save_token_weights(model_dir, fit_sif_weights(load_encoder(str(model_dir))[1], texts))
-    vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
-    return save_whitening(model_dir, *fit_whitening(vectors))
-
-
 def _load(path, keys, expected):
     """{key: array} from a safetensors file, None when it is absent; a named error when it is unreadable."""
     from safetensors.numpy import load_file
@@ -158,18 +141,3 @@ def read_unlabeled_texts(source, max_docs=10_000, max_chars=500, seed=0):
         texts += [column[int(i)][:max_chars] for i in sorted(rows)]
     return texts[:max_docs]
 
-
-def main(argv=None):
-    """textjepa whiten --model DIR --on FILE_OR_GLOB [--max-docs N] [--token-weights sif|none]: ship the
-    post-processing (SIF token weights, whitening) inside a model directory."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="textjepa whiten", description=main.__doc__)
-    parser.add_argument("--model", required=True, help="encoder directory (an export); whitening.safetensors goes here")
-    parser.add_argument("--on", required=True, metavar="FILE_OR_GLOB", help="unlabeled text: txt/jsonl/csv/parquet")
-    parser.add_argument("--max-docs", type=int, default=8_800, help="texts sampled evenly across files (500 chars each)")
-    parser.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="sif",
-                        help="sif: SIF-weighted mean pooling (token_weights.safetensors), fitted on the same texts")
-    args = parser.parse_args(argv)
-    print(f"wrote {ship_whitening(args.model, args.on, args.max_docs, args.token_weights)}")
-    return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +178,66 @@ class MicroBatches(torch.utils.data.Dataset):
         ids = np.asarray(self.blocks[indices]["input_ids"])
         seeds = [(self.seed, epoch, int(k)) for k in indices]
         return self.make_batch(ids, seeds)
+
+
+def masking_config(recipe, tokenizer):
+    """The recipe's mask section as a MaskingConfig (the one place a recipe becomes one): every
+    MaskingConfig field of the section, left at its own default where the recipe says null, plus
+    the tokenizer's special ids (mask.special_tokens_never_target) and its document separator
+    (needed by views)."""
+    from textjepa.masking import MaskingConfig
+
+    fields = {k: v for k, v in recipe.mask.__dict__.items()
+              if k not in ("special_tokens_never_target", "mlm_probability") and v is not None}
+    if recipe.mask.special_tokens_never_target:
+        fields["special_token_ids"] = tuple(tokenizer.all_special_ids)
+    if recipe.mask.num_views > 1 or recipe.mask.views != "none":  # views must know document boundaries
+        from textjepa.data import separator_token_id
+
+        fields["separator_token_id"] = separator_token_id(tokenizer)
+    return MaskingConfig(**fields)
+
+
+@dataclass
+class TrainingData:
+    """What the loop reads: the tokenizer, this process's micro-batch stream and the rank probe."""
+
+    tokenizer: object
+    micro_batches: MicroBatches
+    probe_ids: torch.Tensor  # (P, L) fixed blocks for the effective-rank figure
+    num_train_blocks: int
+    tokens_per_step: int  # over all processes and micro-batches of one optimizer step
+
+
+def training_data(recipe, accelerator, output_dir: Path) -> TrainingData:
+    """Tokenizer, blocks and the micro-batch maker of the recipe's objective. The main process
+    tokenizes and caches first, the others then read its cache."""
+    from textjepa.data import check_block_size
+
+    data, train = recipe.data, recipe.train
+    check_block_size(data.block_size, recipe.model.max_position_embeddings or data.block_size)
+    with accelerator.main_process_first():
+        tokenizer = resolve_tokenizer(recipe, output_dir, accelerator.is_main_process)
+        train_blocks, valid_blocks = load_blocks(recipe, tokenizer, output_dir)
+    if recipe.objective == "jepa":
+        make_batch = JepaBatchMaker(masking_config(recipe, tokenizer))
+    else:
+        make_batch = MlmBatchMaker(tokenizer, recipe.mask.mlm_probability)
+    micro_batches = MicroBatches(train_blocks, train.batch_size, train.grad_accum, accelerator.process_index,
+                                 accelerator.num_processes, train.seed, make_batch)
+    return TrainingData(
+        tokenizer=tokenizer, micro_batches=micro_batches,
+        probe_ids=probe_blocks(train_blocks, valid_blocks, recipe.log.probe_size),
+        num_train_blocks=len(train_blocks),
+        tokens_per_step=train.batch_size * train.grad_accum * accelerator.num_processes * data.block_size)
+
+
+def micro_batch_loader(data: TrainingData, recipe, first_step: int, device) -> torch.utils.data.DataLoader:
+    """The micro-batches from optimizer step `first_step` to train.max_steps, in order."""
+    train = recipe.train
+    return torch.utils.data.DataLoader(
+        data.micro_batches, batch_size=None,
+        sampler=range(first_step * train.grad_accum, train.max_steps * train.grad_accum),
+        num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(train.seed),  # never touch the global RNG (exact resume)
+    )

@@ -9,31 +9,44 @@ import torch
 
 
 def jepa_config(recipe, tokenizer):
+    """The recipe's model and ema sections are TextJepaConfig fields (recipe.py builds them from it):
+    null keeps the config's default, max_position_embeddings defaults to data.block_size."""
     from textjepa import TextJepaConfig
 
-    model = dataclasses.asdict(recipe.model)
-    kwargs = {k: v for k, v in model.items() if v is not None}
+    from .recipe import EMA_PREFIX
+
+    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
     kwargs["max_position_embeddings"] = recipe.model.max_position_embeddings or recipe.data.block_size
-    ema_schedule = "constant" if recipe.ema.schedule == "frozen" else recipe.ema.schedule
+    kwargs.update({EMA_PREFIX + k: v for k, v in dataclasses.asdict(recipe.ema).items()})
     return TextJepaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, ema_momentum_start=recipe.ema.momentum_start,
-        ema_momentum_end=recipe.ema.momentum_end, ema_schedule=ema_schedule, **kwargs)
+        eos_token_id=tokenizer.eos_token_id, **kwargs)
+
+
+def roberta_config(vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max_tokens,
+                   pad_token_id, bos_token_id, eos_token_id, **overrides):
+    """A RobertaConfig with the encoder sizes of a TextJepaConfig, whose position table holds
+    `max_tokens` tokens (plus RoBERTa's position offset)."""
+    from transformers import RobertaConfig
+
+    from textjepa.data import roberta_position_offset
+
+    return RobertaConfig(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads, intermediate_size=intermediate_size,
+        max_position_embeddings=max_tokens + roberta_position_offset(pad_token_id), type_vocab_size=1,
+        pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id, **overrides)
 
 
 def mlm_config(recipe, tokenizer):
-    """RoBERTa of the same size. RoBERTa numbers positions from padding_idx + 1, so a block of L
-    tokens needs max_position_embeddings = L + 2."""
-    from transformers import RobertaConfig
-
-    m = recipe.model
-    return RobertaConfig(
-        vocab_size=len(tokenizer), hidden_size=m.hidden_size, num_hidden_layers=m.num_hidden_layers,
-        num_attention_heads=m.num_attention_heads, intermediate_size=m.intermediate_size,
-        max_position_embeddings=(m.max_position_embeddings or recipe.data.block_size) + 2, type_vocab_size=1,
-        hidden_dropout_prob=m.hidden_dropout_prob, attention_probs_dropout_prob=m.attention_probs_dropout_prob,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, layer_norm_eps=1e-5)
+    """RoBERTa of the recipe's encoder size, for blocks of data.block_size tokens."""
+    model = recipe.model
+    return roberta_config(
+        len(tokenizer), model.hidden_size, model.num_hidden_layers, model.num_attention_heads,
+        model.intermediate_size, model.max_position_embeddings or recipe.data.block_size,
+        tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id,
+        hidden_dropout_prob=model.hidden_dropout_prob, attention_probs_dropout_prob=model.attention_probs_dropout_prob,
+        layer_norm_eps=1e-5)
 
 
 def build_model(recipe, tokenizer):
@@ -51,30 +64,39 @@ def encoder_of(model):
     return model.roberta if hasattr(model, "roberta") else model.teacher
 
 
-def parameter_groups(model) -> list[dict]:
+def takes_weight_decay(name: str, param) -> bool:
     """Weight decay on matrices only: biases, LayerNorm weights and mask tokens (ndim < 2 or named
-    *norm* / *mask_token*) get none. `apply_decay` lets the loop set each group's decay per step."""
+    *norm* / *mask_token*) get none. (Pretraining and GLUE fine-tuning both group by this.)"""
+    return not (param.ndim < 2 or "norm" in name.lower() or "mask_token" in name)
+
+
+def parameter_groups(model) -> list[dict]:
+    """Decay / no-decay groups (takes_weight_decay); `apply_decay` lets the loop set each group's decay
+    per step."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "norm" in name.lower() or "mask_token" in name:
-            no_decay.append(param)
-        else:
-            decay.append(param)
+        (decay if takes_weight_decay(name, param) else no_decay).append(param)
     return [{"params": decay, "apply_decay": True, "weight_decay": 0.0},
             {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, recipe, device: torch.device):
-    """AdamW, fused where this torch supports it on `device` (optim.fused: null = try), else foreach.
-    lr and weight decay are set by the loop before every optimizer step."""
-    o = recipe.optim
-    kwargs = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-    if o.fused is not False:
+def adamw(params, fused: bool | None = None, device=None, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused where this torch supports it (fused None: try; True: required), else foreach."""
+    params = list(params)
+    if fused is not False:
         try:
-            return torch.optim.AdamW(parameter_groups(model), fused=True, **kwargs)
+            return torch.optim.AdamW(params, fused=True, **kwargs)
         except (RuntimeError, ValueError, TypeError) as err:
-            if o.fused:
+            if fused:
                 raise RuntimeError(f"optim.fused: true but fused AdamW is unavailable on {device}: {err}") from err
-    return torch.optim.AdamW(parameter_groups(model), foreach=True, **kwargs)
+    return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def build_optimizer(model, recipe, device: torch.device):
+    """AdamW with decay / no-decay groups, fused where this torch supports it on `device` (optim.fused:
+    null = try). lr and weight decay are set by the loop before every optimizer step."""
+    optim = recipe.optim
+    return adamw(parameter_groups(model), fused=optim.fused, device=device, lr=optim.lr, betas=tuple(optim.betas),
+                 eps=optim.eps)

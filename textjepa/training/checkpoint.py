@@ -6,24 +6,66 @@ next start.
 
 Only `checkpoint-<step>` folders count: `checkpoint-<step>-diverged` (the state of a run stopped by
 the NaN guard, kept for inspection) and `checkpoint-<step>-corrupt` (a checkpoint that failed
-verification on resume, set aside) are never resumed from, exported by a run directory, or pruned."""
+verification on resume, set aside) are never resumed from, exported by a run directory, or pruned.
+
+Also here: what a checkpoint holds (TrainerState, the EMA teacher's file) and how the loop saves
+and loads one (save_checkpoint / load_checkpoint), so that loop.py and export.py both import from
+this module and never from each other."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .process import fault_point
+
+logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 TMP_PREFIXES = (TMP_PREFIX, ".tmp-export-")  # half-written folders removed at the next start
 DIVERGED_SUFFIX = "-diverged"
 CORRUPT_SUFFIX = "-corrupt"
-COMPLETE_MARKER = "trainer_state.json"  # written last inside the tmp dir
+COMPLETE_MARKER = "trainer_state.json"  # the TrainerState, written last inside the tmp dir
+TEACHER_FILE = "teacher.safetensors"  # the EMA teacher (JEPA), not part of accelerate's state
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or no checkpoint could be loaded; the message names the path."""
+
+
+@dataclass
+class TrainerState:
+    """Bookkeeping saved as trainer_state.json in every checkpoint (written last: the 'complete' mark)."""
+
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0  # over all processes
+    ema_updates: int = 0
+    elapsed_s: float = 0.0  # training wall time over all sessions
+    world_size: int = 1
+    last_metrics: dict = field(default_factory=dict)
+
+
+def read_trainer_state(checkpoint_dir: Path) -> TrainerState:
+    """The checkpoint's TrainerState (keys this version does not know are dropped)."""
+    saved = json.loads((Path(checkpoint_dir) / COMPLETE_MARKER).read_text())
+    return TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+
+
+def write_trainer_state(directory: Path, state: TrainerState) -> None:
+    path = directory / COMPLETE_MARKER
+    with open(path, "w") as f:
+        json.dump(state.__dict__, f, indent=2, allow_nan=True)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def checkpoint_name(step: int) -> str:
@@ -168,3 +210,98 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
     return doomed
+
+
+# ---------------------------------------------------------------- saving and loading a run's state
+
+def _describe_write_error(err: Exception, path: Path) -> str:
+    """One line for a failed write; a full disk says so whatever the library's wording
+    (torch.save: 'basic_ios::clear: iostream error', safetensors: 'os error 28')."""
+    text = str(err)
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or "os error 28" in text
+    if not full:
+        try:
+            full = shutil.disk_usage(path if path.exists() else path.parent).free < (1 << 20)
+        except OSError:
+            pass
+    if full:
+        return f"{path}: No space left on device while writing the checkpoint; free space and run again with --resume"
+    return f"{path}: writing the checkpoint failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer,
+                    diverged: bool = False) -> Path:
+    """All processes call this. Written into a tmp dir, committed by an atomic rename (module doc).
+    diverged: the state holds NaN/Inf (the NaN guard fired); it goes to checkpoint-<step>-diverged, apart
+    from the resumable checkpoints, and nothing is pruned."""
+    from safetensors.torch import save_file
+
+    suffix = DIVERGED_SUFFIX if diverged else ""
+    tmp_dir = tmp_checkpoint_dir(output_dir, state.step, suffix)
+    final_dir = output_dir / (checkpoint_name(state.step) + suffix)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            tmp_dir.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
+        accelerator.save_state(str(tmp_dir))
+        fault_point("save", state.step)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(model)
+            if recipe.objective == "jepa":
+                teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
+                save_file(teacher, str(tmp_dir / TEACHER_FILE))
+            unwrapped.config.save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
+            recipe.save(tmp_dir / "recipe.yaml")
+            write_trainer_state(tmp_dir, state)
+    except Exception as err:
+        message = _describe_write_error(err, tmp_dir)  # before freeing the space the torn save took
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise CheckpointError(message) from err
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        commit_checkpoint(tmp_dir, final_dir)
+        fault_point("prune", state.step)
+        if not diverged:
+            prune_checkpoints(output_dir, recipe.train.keep_last)
+    accelerator.wait_for_everyone()
+    return final_dir
+
+
+def _check_random_states(checkpoint_dir: Path, process_index: int) -> None:
+    """accelerate skips a missing/unreadable RNG file with an INFO line; say it out loud."""
+    import torch
+
+    path = checkpoint_dir / f"random_states_{process_index}.pkl"
+    if not path.is_file():
+        problem = "is missing"
+    else:
+        try:
+            states = torch.load(path, weights_only=False)
+            problem = None if isinstance(states, dict) and "torch_manual_seed" in states else "holds no RNG states"
+        except Exception as err:
+            problem = f"is unreadable ({type(err).__name__})"
+    if problem:
+        logger.warning("%s %s: the random number streams (dropout) restart from the seed, so this resume is "
+                       "no longer bit-exact", path, problem)
+
+
+def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> TrainerState:
+    from safetensors.torch import load_file
+
+    _check_random_states(checkpoint_dir, accelerator.process_index)
+    accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
+    if recipe.objective == "jepa":
+        # load on the CPU: load_state_dict copies onto the teacher's device ("cpu:0" is no safetensors device)
+        teacher = load_file(str(checkpoint_dir / TEACHER_FILE))
+        accelerator.unwrap_model(model).load_teacher_state_dict(teacher)
+    state = read_trainer_state(checkpoint_dir)
+    if state.world_size != accelerator.num_processes:
+        logger.warning("%s was saved by %d processes, resuming with %d: the data order and RNG streams "
+                       "change, resume is no longer exact", checkpoint_dir, state.world_size,
+                       accelerator.num_processes)
+    state.world_size = accelerator.num_processes
+    return state

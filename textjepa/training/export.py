@@ -11,7 +11,6 @@ pooling of last_hidden_state, as for the JEPA encoder).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import fsync_tree
+from .checkpoint import COMPLETE_MARKER, TEACHER_FILE, fsync_tree, latest_checkpoint, read_trainer_state, verify_checkpoint
 from .process import fault_point
 
 
@@ -134,23 +133,19 @@ def load_checkpoint_model(checkpoint_dir):
     from textjepa.data import load_tokenizer
 
     from .build import build_model
-    from .loop import TEACHER_FILE, TrainerState
     from .recipe import load_recipe
 
-    from .checkpoint import verify_checkpoint
-
     checkpoint_dir = Path(checkpoint_dir)
-    if not (checkpoint_dir / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint_dir}: not a complete textjepa checkpoint (no trainer_state.json)")
+    if not (checkpoint_dir / COMPLETE_MARKER).is_file():
+        raise FileNotFoundError(f"{checkpoint_dir}: not a complete textjepa checkpoint (no {COMPLETE_MARKER})")
     recipe = load_recipe(checkpoint_dir / "recipe.yaml")
     problem = verify_checkpoint(checkpoint_dir, TEACHER_FILE if recipe.objective == "jepa" else None)
     if problem and "optimizer" not in problem:  # export needs the weights, not the optimizer state
         raise ExportError(problem)
     try:
-        saved_state = json.loads((checkpoint_dir / "trainer_state.json").read_text())
-        state = TrainerState(**{k: v for k, v in saved_state.items() if k in TrainerState.__dataclass_fields__})
+        state = read_trainer_state(checkpoint_dir)
     except (ValueError, TypeError) as err:
-        raise ExportError(f"{checkpoint_dir / 'trainer_state.json'}: expected the JSON object a checkpoint "
+        raise ExportError(f"{checkpoint_dir / COMPLETE_MARKER}: expected the JSON object a checkpoint "
                           f"writes ({err})") from None
     tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
     model = build_model(recipe, tokenizer)
@@ -185,8 +180,6 @@ def export_checkpoint(checkpoint_dir, output_dir, which: str = "teacher") -> Pat
 
 
 def main(argv=None) -> int:
-    from .checkpoint import latest_checkpoint
-
     parser = argparse.ArgumentParser(prog="textjepa export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True,
@@ -196,7 +189,7 @@ def main(argv=None) -> int:
                         help="JEPA only: export the EMA teacher (default) or the student")
     args = parser.parse_args(argv)
     checkpoint_dir = Path(args.checkpoint)
-    if not (checkpoint_dir / "trainer_state.json").is_file():
+    if not (checkpoint_dir / COMPLETE_MARKER).is_file():
         latest = latest_checkpoint(checkpoint_dir)
         if latest is None:
             print(f"textjepa export: {checkpoint_dir} is neither a checkpoint nor a run directory with "

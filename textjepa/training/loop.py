@@ -11,21 +11,19 @@ so that every process takes the same stop decisions (NaN guard, collapse guard, 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import checkpoint as ckpt
+from .checkpoint import CheckpointError, TrainerState, load_checkpoint, save_checkpoint
 from . import schedules
-from .batches import JepaBatchMaker, MicroBatches, MlmBatchMaker, load_blocks, probe_blocks, resolve_tokenizer
+from .batches import micro_batch_loader, training_data
 from .build import build_model, build_optimizer, encoder_of
 from .diagnostics import JsonlLog, check_guards, effective_rank
 from .process import RunLock, RunLocked, die_with_launcher, fault_point
@@ -33,7 +31,6 @@ from .process import RunLock, RunLocked, die_with_launcher, fault_point
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TEACHER_FILE = "teacher.safetensors"
 
 
 class TrainingStopped(RuntimeError):
@@ -44,43 +41,12 @@ class TrainingStopped(RuntimeError):
         self.checkpoint = checkpoint
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or no checkpoint could be loaded; the message names the path."""
-
-
 def _weights_finite(unwrapped) -> bool:
     """True when every parameter (student, predictor, teacher) is finite."""
     tensors = list(unwrapped.parameters()) + [b for b in unwrapped.buffers() if b.is_floating_point()]
     if hasattr(unwrapped, "teacher_state_dict"):  # the EMA teacher is not a registered submodule
         tensors += list(unwrapped.teacher_state_dict().values())
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _describe_write_error(err: Exception, path: Path) -> str:
-    """One line for a failed write; a full disk says so whatever the library's wording
-    (torch.save: 'basic_ios::clear: iostream error', safetensors: 'os error 28')."""
-    text = str(err)
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text or "os error 28" in text
-    if not full:
-        try:
-            full = shutil.disk_usage(path if path.exists() else path.parent).free < (1 << 20)
-        except OSError:
-            pass
-    if full:
-        return f"{path}: No space left on device while writing the checkpoint; free space and run again with --resume"
-    return f"{path}: writing the checkpoint failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-@dataclass
-class TrainerState:
-    """Bookkeeping saved as trainer_state.json in every checkpoint (written last: the 'complete' mark)."""
-
-    step: int = 0  # optimizer steps done
-    tokens_seen: int = 0  # over all processes
-    ema_updates: int = 0
-    elapsed_s: float = 0.0  # training wall time over all sessions
-    world_size: int = 1
-    last_metrics: dict = field(default_factory=dict)
 
 
 def make_accelerator(recipe):
@@ -136,90 +102,12 @@ def probe_effective_rank(model, probe_ids: torch.Tensor, device, chunk: int = 64
     return effective_rank(torch.cat(pooled))
 
 
-def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer,
-                    diverged: bool = False) -> Path:
-    """All processes call this. Written into a tmp dir, committed by an atomic rename (see checkpoint.py).
-    diverged: the state holds NaN/Inf (the NaN guard fired); it goes to checkpoint-<step>-diverged, apart
-    from the resumable checkpoints, and nothing is pruned."""
-    from safetensors.torch import save_file
-
-    suffix = ckpt.DIVERGED_SUFFIX if diverged else ""
-    tmp_dir = ckpt.tmp_checkpoint_dir(output_dir, state.step, suffix)
-    final_dir = output_dir / (ckpt.checkpoint_name(state.step) + suffix)
-    try:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            tmp_dir.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
-        accelerator.save_state(str(tmp_dir))
-        fault_point("save", state.step)
-        if accelerator.is_main_process:
-            unwrapped = accelerator.unwrap_model(model)
-            if recipe.objective == "jepa":
-                teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
-                save_file(teacher, str(tmp_dir / TEACHER_FILE))
-            unwrapped.config.save_pretrained(tmp_dir)
-            tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
-            recipe.save(tmp_dir / "recipe.yaml")
-            _write_trainer_state(tmp_dir, state)
-    except Exception as err:
-        message = _describe_write_error(err, tmp_dir)  # before freeing the space the torn save took
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise CheckpointError(message) from err
-    accelerator.wait_for_everyone()
+def _shared_effective_rank(accelerator, unwrapped, probe_ids: torch.Tensor) -> float:
+    """probe_effective_rank on the main process, handed to every process."""
+    rank_value = torch.zeros(1, device=accelerator.device)
     if accelerator.is_main_process:
-        ckpt.commit_checkpoint(tmp_dir, final_dir)
-        fault_point("prune", state.step)
-        if not diverged:
-            ckpt.prune_checkpoints(output_dir, recipe.train.keep_last)
-    accelerator.wait_for_everyone()
-    return final_dir
-
-
-def _write_trainer_state(directory: Path, state: TrainerState) -> None:
-    path = directory / ckpt.COMPLETE_MARKER
-    with open(path, "w") as f:
-        json.dump(state.__dict__, f, indent=2, allow_nan=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _check_random_states(checkpoint_dir: Path, process_index: int) -> None:
-    """accelerate skips a missing/unreadable RNG file with an INFO line; say it out loud."""
-    path = checkpoint_dir / f"random_states_{process_index}.pkl"
-    if not path.is_file():
-        problem = "is missing"
-    else:
-        try:
-            states = torch.load(path, weights_only=False)
-            problem = None if isinstance(states, dict) and "torch_manual_seed" in states else "holds no RNG states"
-        except Exception as err:
-            problem = f"is unreadable ({type(err).__name__})"
-    if problem:
-        logger.warning("%s %s: the random number streams (dropout) restart from the seed, so this resume is "
-                       "no longer bit-exact", path, problem)
-
-
-def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> TrainerState:
-    from safetensors.torch import load_file
-
-    _check_random_states(checkpoint_dir, accelerator.process_index)
-    accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
-    if recipe.objective == "jepa":
-        # load on the CPU: load_state_dict copies onto the teacher's device ("cpu:0" is no safetensors device)
-        teacher = load_file(str(checkpoint_dir / TEACHER_FILE))
-        accelerator.unwrap_model(model).load_teacher_state_dict(teacher)
-    saved = json.loads((checkpoint_dir / ckpt.COMPLETE_MARKER).read_text())
-    known = set(TrainerState.__dataclass_fields__)
-    state = TrainerState(**{k: v for k, v in saved.items() if k in known})
-    if state.world_size != accelerator.num_processes:
-        logger.warning("%s was saved by %d processes, resuming with %d: the data order and RNG streams "
-                       "change, resume is no longer exact", checkpoint_dir, state.world_size,
-                       accelerator.num_processes)
-    state.world_size = accelerator.num_processes
-    return state
+        rank_value += probe_effective_rank(unwrapped, probe_ids, accelerator.device)
+    return float(accelerator.reduce(rank_value, reduction="sum"))
 
 
 def _update_teacher(accelerator, model, momentum: float) -> None:
@@ -267,7 +155,7 @@ def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[Trainer
     """Load the newest checkpoint that verifies and loads; newer broken ones are then set aside as
     checkpoint-<step>-corrupt (kept, never resumed) with a warning. (None, None) when there is no
     checkpoint; CheckpointError, with nothing moved, when none of them loads."""
-    teacher_file = TEACHER_FILE if recipe.objective == "jepa" else None
+    teacher_file = ckpt.TEACHER_FILE if recipe.objective == "jepa" else None
     failures = []  # (checkpoint, one line naming the bad file)
     for candidate in reversed(ckpt.list_checkpoints(output_dir)):
         problems = [ckpt.verify_checkpoint(candidate, teacher_file)]
@@ -296,74 +184,31 @@ def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[Trainer
     return None, None
 
 
-def _train(recipe, resume, model, announce, cleanup):
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    die_with_launcher()
-    t, o, log_cfg = recipe.train, recipe.optim, recipe.log
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    accelerator = make_accelerator(recipe)
-    is_main = accelerator.is_main_process
-    say = announce if is_main else (lambda *a, **k: None)
-    output_dir = Path(t.output_dir)
-    _lock_output_dir(accelerator, output_dir, cleanup)
+def _prepare_output_dir(accelerator, recipe, resume: bool, say) -> Path:
+    """Refuse a folder that holds checkpoints unless resuming (train.overwrite: clear it instead),
+    remove half-written saves and write the resolved recipe."""
+    output_dir = Path(recipe.train.output_dir)
     existing = ckpt.list_checkpoints(output_dir)
     if existing and not resume:
-        if not t.overwrite:
+        if not recipe.train.overwrite:
             raise FileExistsError(f"{output_dir} already holds {existing[-1].name}: pass --resume to continue it, "
                                   "or --set train.overwrite=true to delete it and start over, or pick another "
                                   "train.output_dir")
         accelerator.wait_for_everyone()
-        if is_main:
+        if accelerator.is_main_process:
             for path in existing + ckpt.list_diverged(output_dir) + [output_dir / "tokenizer", output_dir / "export"]:
                 shutil.rmtree(path, ignore_errors=True)
-    if is_main:
+    if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt.remove_stale_tmp(output_dir):
             say(f"removed half-written {stale.name} (interrupted save)")
         recipe.save(output_dir / "recipe.yaml")
     accelerator.wait_for_everyone()
-    set_seed(t.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
+    return output_dir
 
-    # ---- data: the main process tokenizes and caches first, the others then read its cache
-    from textjepa.data import check_block_size
 
-    check_block_size(recipe.data.block_size, recipe.model.max_position_embeddings or recipe.data.block_size)
-    setup_start = time.perf_counter()
-    with accelerator.main_process_first():
-        tokenizer = resolve_tokenizer(recipe, output_dir, is_main)
-        train_blocks, valid_blocks = load_blocks(recipe, tokenizer, output_dir)
-    if recipe.objective == "jepa":
-        from textjepa.masking import MaskingConfig
-
-        mask_fields = {k: v for k, v in recipe.mask.__dict__.items()
-                       if k not in ("special_tokens_never_target", "mlm_probability") and v is not None}
-        if recipe.mask.special_tokens_never_target:
-            mask_fields["special_token_ids"] = tuple(tokenizer.all_special_ids)
-        if recipe.mask.num_views > 1 or recipe.mask.views != "none":  # views must know document boundaries
-            from textjepa.data import separator_token_id
-
-            mask_fields["separator_token_id"] = separator_token_id(tokenizer)
-        make_batch = JepaBatchMaker(MaskingConfig(**mask_fields))
-    else:
-        make_batch = MlmBatchMaker(tokenizer, recipe.mask.mlm_probability)
-    micro_batches = MicroBatches(train_blocks, t.batch_size, t.grad_accum, accelerator.process_index,
-                                 accelerator.num_processes, t.seed, make_batch)
-    probe_ids = probe_blocks(train_blocks, valid_blocks, log_cfg.probe_size)
-    tokens_per_step = t.batch_size * t.grad_accum * accelerator.num_processes * recipe.data.block_size
-
-    # ---- model, optimizer (the teacher stays outside prepare)
-    if model is None:
-        model = build_model(recipe, tokenizer)
-    model.to(accelerator.device)
-    model.train()
-    optimizer = build_optimizer(model, recipe, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
-    n_params = sum(p.numel() for p in unwrapped.parameters())
-
+def _start_state(accelerator, model, output_dir: Path, recipe, resume: bool, say) -> TrainerState:
+    """The resumed TrainerState, or a fresh one (then the JEPA teacher starts as a copy of the student)."""
     state, latest = _resume_point(accelerator, model, output_dir, recipe) if resume else (None, None)
     diverged = [p for p in ckpt.list_diverged(output_dir)
                 if latest is None or int(p.name.split("-")[1]) > int(latest.name.split("-")[1])]
@@ -371,128 +216,186 @@ def _train(recipe, resume, model, announce, cleanup):
         say(f"resumed from {latest} at step {state.step}"
             + (f" (the last finite checkpoint; {diverged[-1].name}, saved when the run diverged, is kept for "
                "inspection and skipped)" if diverged else ""))
-    else:
-        state = TrainerState(world_size=accelerator.num_processes)
-        if resume:
-            say(f"--resume: no checkpoint to resume from in {output_dir}"
-                + (f" ({diverged[-1].name} holds a diverged state and is skipped)" if diverged else "")
-                + "; starting from scratch")
+        return state
+    if resume:
+        say(f"--resume: no checkpoint to resume from in {output_dir}"
+            + (f" ({diverged[-1].name} holds a diverged state and is skipped)" if diverged else "")
+            + "; starting from scratch")
+    if recipe.objective == "jepa":
+        _update_teacher(accelerator, model, 0.0)  # teacher := the (broadcast) student
+    return TrainerState(world_size=accelerator.num_processes)
+
+
+def _set_schedules(optimizer, step: int, recipe) -> tuple[float, float]:
+    """Write this optimizer step's learning rate and weight decay into the param groups."""
+    optim, max_steps = recipe.optim, recipe.train.max_steps
+    lr = schedules.learning_rate(step, max_steps, optim.warmup_steps, optim.lr, optim.min_lr)
+    weight_decay = schedules.weight_decay(step, max_steps, optim.weight_decay, optim.weight_decay_end)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        group["weight_decay"] = weight_decay if group["apply_decay"] else 0.0
+    return lr, weight_decay
+
+
+def _optimizer_step(accelerator, model, optimizer, batches, recipe, step: int):
+    """grad_accum micro-batches and one optimizer step. Returns (figures summed over the micro-batches
+    by name: loss, and for JEPA target_std, prediction_std and the model's loss terms; grad norm)."""
+    grad_accum, grad_clip = recipe.train.grad_accum, recipe.optim.grad_clip
+    sums, grad_norm = {}, None
+    for _ in range(grad_accum):
+        batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
+        with accelerator.accumulate(model):
+            out = model(**batch)
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients:
+                max_norm = grad_clip if grad_clip > 0 else float("inf")
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        fault_point("step", step)
+        figures = {"loss": out.loss}
         if recipe.objective == "jepa":
-            _update_teacher(accelerator, model, 0.0)  # teacher := the (broadcast) student
+            figures.update(target_std=out.target_std, prediction_std=out.prediction_std, **out.loss_terms)
+        for name, value in figures.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    if not accelerator.sync_gradients:  # accumulate() must have synced on the last micro-batch
+        raise RuntimeError(f"step {step}: gradients were not synchronised after {grad_accum} micro-batches")
+    return sums, grad_norm
 
-    metrics_log = JsonlLog(output_dir / METRICS_FILE) if is_main and "jsonl" in log_cfg.trackers else None
-    if metrics_log is not None:
-        if state.step == 0:
-            metrics_log.path.unlink(missing_ok=True)
-        else:
-            metrics_log.truncate_after(state.step)
-    if any(name != "jsonl" for name in log_cfg.trackers):  # tensorboard, wandb, ... via accelerate
-        accelerator.init_trackers("tensorboard", config=_flat_hparams(recipe))
 
-    say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, {len(train_blocks)} train "
-        f"blocks of {recipe.data.block_size} tokens, {t.max_steps} steps x {tokens_per_step} tokens "
-        f"({accelerator.num_processes} process(es), {accelerator.device}, precision {t.mixed_precision}); "
+def _average_over_processes(accelerator, sums: dict, grad_accum: int, time_up: bool) -> tuple[dict, bool]:
+    """One all-reduce per step: ({name: mean over micro-batches and processes}, whether any process
+    ran out of time), the same on every process so that all take the same stop decisions."""
+    names = sorted(sums)  # the same names on every process: the config decides them
+    shared = torch.stack([sums[name] / grad_accum for name in names]
+                         + [torch.tensor(float(time_up), device=accelerator.device)])
+    shared = accelerator.reduce(shared, reduction="sum")
+    world = accelerator.num_processes
+    return {name: float(shared[i]) / world for i, name in enumerate(names)}, float(shared[-1]) > 0
+
+
+class _MetricsRecorder:
+    """Writes a step's figures to metrics.jsonl (main process), the trackers and the progress bar,
+    with tokens/s over the window since the last record."""
+
+    def __init__(self, accelerator, recipe, output_dir: Path, state: TrainerState):
+        from tqdm.auto import tqdm
+
+        self.accelerator, self.log = accelerator, recipe.log
+        is_main = accelerator.is_main_process
+        self.metrics_log = JsonlLog(output_dir / METRICS_FILE) if is_main and "jsonl" in self.log.trackers else None
+        if self.metrics_log is not None:
+            if state.step == 0:
+                self.metrics_log.path.unlink(missing_ok=True)
+            else:
+                self.metrics_log.truncate_after(state.step)
+        if any(name != "jsonl" for name in self.log.trackers):  # tensorboard, wandb, ... via accelerate
+            accelerator.init_trackers("tensorboard", config=_flat_hparams(recipe))
+        self.session_start = time.perf_counter()
+        self.elapsed_before = state.elapsed_s
+        self.window_start, self.window_tokens = self.session_start, 0
+        self.history = []  # logged records of this session (main process)
+        self.progress = tqdm(total=recipe.train.max_steps, initial=state.step,
+                             disable=not (is_main and self.log.progress_bar),
+                             desc=f"{recipe.objective} pretraining", dynamic_ncols=True)
+
+    def session_seconds(self) -> float:
+        return time.perf_counter() - self.session_start
+
+    def elapsed(self) -> float:
+        """Training wall time over all sessions."""
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def step_done(self, tokens: int) -> None:
+        self.window_tokens += tokens
+        self.progress.update(1)
+
+    def record(self, metrics: dict, state: TrainerState, grad_norm) -> None:
+        now = time.perf_counter()
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
+        metrics["tokens_per_s"] = self.window_tokens / max(now - self.window_start, 1e-9)
+        metrics["tokens_seen"] = state.tokens_seen
+        metrics["elapsed_s"] = self.elapsed_before + now - self.session_start
+        self.window_start, self.window_tokens = now, 0
+        if self.metrics_log is not None:
+            self.metrics_log.write(metrics)
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=state.step)
+        self.history.append(metrics)
+        state.last_metrics = metrics
+        self.progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "target_std", "effective_rank")
+                                   if metrics.get(k) is not None}, refresh=False)
+
+
+def _train(recipe, resume, model, announce, cleanup):
+    from accelerate.utils import set_seed
+
+    die_with_launcher()
+    train_cfg, log_cfg = recipe.train, recipe.log
+    if train_cfg.threads:
+        torch.set_num_threads(train_cfg.threads)
+    accelerator = make_accelerator(recipe)
+    say = announce if accelerator.is_main_process else (lambda *a, **k: None)
+    _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
+    output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
+    set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
+
+    setup_start = time.perf_counter()
+    data = training_data(recipe, accelerator, output_dir)
+    # ---- model, optimizer (the teacher stays outside prepare)
+    if model is None:
+        model = build_model(recipe, data.tokenizer)
+    model.to(accelerator.device)
+    model.train()
+    optimizer = build_optimizer(model, recipe, accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    n_params = sum(p.numel() for p in unwrapped.parameters())
+    state = _start_state(accelerator, model, output_dir, recipe, resume, say)
+    recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
+    say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, {data.num_train_blocks} train "
+        f"blocks of {recipe.data.block_size} tokens, {train_cfg.max_steps} steps x {data.tokens_per_step} tokens "
+        f"({accelerator.num_processes} process(es), {accelerator.device}, precision {train_cfg.mixed_precision}); "
         f"setup {time.perf_counter() - setup_start:.1f}s")
 
-    # ---- the batch stream starts where the last optimizer step ended
-    loader = torch.utils.data.DataLoader(
-        micro_batches, batch_size=None, sampler=range(state.step * t.grad_accum, t.max_steps * t.grad_accum),
-        num_workers=recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda",
-        generator=torch.Generator().manual_seed(t.seed),  # never touch the global RNG (exact resume)
-    )
-    batches = iter(loader)
-    guard_after = log_cfg.guard_after if log_cfg.guard_after is not None else o.warmup_steps
-    stop_after = t.stop_after if t.stop_after is not None else t.max_steps
-    session_start = time.perf_counter()
-    elapsed_before = state.elapsed_s
-    window_start, window_tokens = time.perf_counter(), 0
-    history = []  # logged records of this session (main process)
-    progress = tqdm(total=t.max_steps, initial=state.step, disable=not (is_main and log_cfg.progress_bar),
-                    desc=f"{recipe.objective} pretraining", dynamic_ncols=True)
+    batches = iter(micro_batch_loader(data, recipe, state.step, accelerator.device))  # from the last step on
+    guard_after = log_cfg.guard_after if log_cfg.guard_after is not None else recipe.optim.warmup_steps
+    stop_after = train_cfg.stop_after if train_cfg.stop_after is not None else train_cfg.max_steps
+    last_step = min(train_cfg.max_steps, stop_after)  # of this session
     stop_reason, end_reason = None, "max_steps"
-
-    while state.step < min(t.max_steps, stop_after):
+    while state.step < last_step:
         step = state.step  # optimizer step about to run (0-based)
-        lr = schedules.learning_rate(step, t.max_steps, o.warmup_steps, o.lr, o.min_lr)
-        wd = schedules.weight_decay(step, t.max_steps, o.weight_decay, o.weight_decay_end)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-            group["weight_decay"] = wd if group["apply_decay"] else 0.0
-
-        # loss, target_std, prediction_std and the model's loss terms, summed over micro-batches by name
-        sums = {}
-        grad_norm = None
-        for _ in range(t.grad_accum):
-            batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
-            with accelerator.accumulate(model):
-                out = model(**batch)
-                accelerator.backward(out.loss)
-                if accelerator.sync_gradients:
-                    max_norm = o.grad_clip if o.grad_clip > 0 else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            fault_point("step", step)
-            figures = {"loss": out.loss}
-            if recipe.objective == "jepa":
-                figures.update(target_std=out.target_std, prediction_std=out.prediction_std, **out.loss_terms)
-            for name, value in figures.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float()
-        if not accelerator.sync_gradients:  # accumulate() must have synced on the last micro-batch
-            raise RuntimeError(f"step {step}: gradients were not synchronised after {t.grad_accum} micro-batches")
-
+        lr, weight_decay = _set_schedules(optimizer, step, recipe)
+        sums, grad_norm = _optimizer_step(accelerator, model, optimizer, batches, recipe, step)
         momentum = None
-        if recipe.objective == "jepa" and recipe.ema.schedule != "frozen":
-            momentum = unwrapped.ema_momentum(step, t.max_steps)
-            _update_teacher(accelerator, model, momentum)
-            state.ema_updates += 1
+        if recipe.objective == "jepa":
+            momentum = schedules.ema_momentum(step, train_cfg.max_steps, recipe.ema.momentum_start,
+                                              recipe.ema.momentum_end, recipe.ema.schedule)
+            if momentum is not None:  # None: ema.schedule frozen
+                _update_teacher(accelerator, model, momentum)
+                state.ema_updates += 1
         state.step += 1
-        state.tokens_seen += tokens_per_step
-        window_tokens += tokens_per_step
-        progress.update(1)
+        state.tokens_seen += data.tokens_per_step
+        recorder.step_done(data.tokens_per_step)
 
-        # Same figures and the same decisions on every process: one small all-reduce per step.
-        time_up = t.max_minutes is not None and (time.perf_counter() - session_start) > 60 * t.max_minutes
-        names = sorted(sums)  # the same names on every process: the config decides them
-        shared = torch.stack([sums[name] / t.grad_accum for name in names]
-                             + [torch.tensor(float(time_up), device=accelerator.device)])
-        shared = accelerator.reduce(shared, reduction="sum")
-        world = accelerator.num_processes
-        metrics = {"step": state.step, "lr": lr, "weight_decay": wd}
-        metrics.update({name: float(shared[i]) / world for i, name in enumerate(names)})
+        time_up = train_cfg.max_minutes is not None and recorder.session_seconds() > 60 * train_cfg.max_minutes
+        averages, time_up = _average_over_processes(accelerator, sums, train_cfg.grad_accum, time_up)
+        metrics = {"step": state.step, "lr": lr, "weight_decay": weight_decay, **averages}
         if recipe.objective == "jepa":
             metrics["momentum"] = momentum
-        time_up = float(shared[-1]) > 0
-        session_ends = time_up or state.step >= min(t.max_steps, stop_after)  # log final figures
-        is_log_step = state.step % log_cfg.every == 0 or state.step == 1 or session_ends
+        session_ends = time_up or state.step >= last_step  # log final figures
         is_diag_step = state.step % log_cfg.diag_every == 0 or session_ends
         if is_diag_step:
-            rank_value = torch.zeros(1, device=accelerator.device)
-            if is_main:
-                rank_value += probe_effective_rank(unwrapped, probe_ids, accelerator.device)
-            metrics["effective_rank"] = float(accelerator.reduce(rank_value, reduction="sum"))
-        if is_log_step or is_diag_step:
-            now = time.perf_counter()
-            metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else None
-            metrics["tokens_per_s"] = window_tokens / max(now - window_start, 1e-9)
-            metrics["tokens_seen"] = state.tokens_seen
-            metrics["elapsed_s"] = elapsed_before + now - session_start
-            window_start, window_tokens = now, 0
-            if metrics_log is not None:
-                metrics_log.write(metrics)
-            if accelerator.trackers:
-                accelerator.log({k: v for k, v in metrics.items() if k != "step" and v is not None}, step=state.step)
-            history.append(metrics)
-            state.last_metrics = metrics
-            progress.set_postfix({k: f"{metrics[k]:.3g}" for k in ("loss", "target_std", "effective_rank")
-                                  if metrics.get(k) is not None}, refresh=False)
+            metrics["effective_rank"] = _shared_effective_rank(accelerator, unwrapped, data.probe_ids)
+        if is_diag_step or state.step % log_cfg.every == 0 or state.step == 1 or session_ends:
+            recorder.record(metrics, state, grad_norm)
 
         # Collapse is a JEPA failure; MLM's mean-pooled states are anisotropic (low rank) by nature,
         # so for MLM only the NaN/Inf guard applies.
         stop_reason = check_guards(state.step, metrics,
                                    guard_active=recipe.objective == "jepa" and state.step > guard_after,
                                    min_std=log_cfg.min_std, min_rank=log_cfg.min_rank)
-        is_save_step = state.step % t.save_every == 0 and state.step < t.max_steps
+        is_save_step = state.step % train_cfg.save_every == 0 and state.step < train_cfg.max_steps
         if not stop_reason and (is_save_step or session_ends) and not _weights_finite(unwrapped):
             # a finite loss computed before the update does not prove the updated weights finite
             stop_reason = f"step {state.step}: the weights hold NaN/Inf after the optimizer step; stopping"
@@ -500,21 +403,37 @@ def _train(recipe, resume, model, announce, cleanup):
             state.last_metrics = metrics
             break
         if is_save_step:
-            state.elapsed_s = elapsed_before + time.perf_counter() - session_start
-            save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer)
+            state.elapsed_s = recorder.elapsed()
+            save_checkpoint(accelerator, model, output_dir, state, recipe, data.tokenizer)
         if time_up:
-            end_reason = f"train.max_minutes={t.max_minutes} reached"
+            end_reason = f"train.max_minutes={train_cfg.max_minutes} reached"
             break
     else:
-        if state.step < t.max_steps:
-            end_reason = f"train.stop_after={t.stop_after} reached"
-    progress.close()
+        if state.step < train_cfg.max_steps:
+            end_reason = f"train.stop_after={train_cfg.stop_after} reached"
+    recorder.progress.close()
 
-    state.elapsed_s = elapsed_before + time.perf_counter() - session_start
+    state.elapsed_s = recorder.elapsed()
+    last_checkpoint = _save_last(accelerator, model, output_dir, state, recipe, data.tokenizer, stop_reason, say)
+    summary = {"objective": recipe.objective, "steps": state.step, "max_steps": train_cfg.max_steps,
+               "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "end_reason": end_reason,
+               "checkpoint": str(last_checkpoint), "parameters": n_params, "final_metrics": state.last_metrics,
+               "first_metrics": recorder.history[0] if recorder.history else None,
+               "tokens_per_s_mean": _mean_throughput(recorder.history)}
+    if accelerator.is_main_process:
+        _finish_run(unwrapped, recipe, data.tokenizer, state, output_dir, recorder.metrics_log, summary)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _save_last(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer, stop_reason, say) -> Path:
+    """The session's last checkpoint; when a guard stopped the run, raise TrainingStopped after it
+    (a NaN/Inf state goes to checkpoint-<step>-diverged)."""
+    unwrapped = accelerator.unwrap_model(model)
     diverged_stop = bool(stop_reason) and (not math.isfinite(state.last_metrics.get("loss", 0.0))
                                            or not _weights_finite(unwrapped))
-    last_checkpoint = save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer,
-                                      diverged=diverged_stop)
+    last_checkpoint = save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer, diverged=diverged_stop)
     if stop_reason:
         if diverged_stop:
             finite = ckpt.latest_checkpoint(output_dir)
@@ -523,37 +442,33 @@ def _train(recipe, resume, model, announce, cleanup):
         say(f"STOPPED: {stop_reason}\n  state saved in {last_checkpoint}")
         accelerator.end_training()
         raise TrainingStopped(stop_reason, last_checkpoint)
+    return last_checkpoint
 
-    summary = {"objective": recipe.objective, "steps": state.step, "max_steps": t.max_steps,
-               "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "end_reason": end_reason,
-               "checkpoint": str(last_checkpoint), "parameters": n_params, "final_metrics": state.last_metrics,
-               "first_metrics": history[0] if history else None,
-               "tokens_per_s_mean": _mean_throughput(history)}
-    if is_main:
-        if t.export:
-            from .export import export_model
 
-            export_dir = output_dir / "export"
-            export_model(unwrapped, recipe, tokenizer, export_dir, which=t.export_which, trainer_state=state)
-            summary["export"] = str(export_dir)
-            if t.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
-                from textjepa.evaluation.whitening import ship_whitening
+def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_log, summary: dict) -> None:
+    """Main process, after the last checkpoint: export (+ shipped whitening), curves, summary.json."""
+    train_cfg = recipe.train
+    if train_cfg.export:
+        from .export import export_model
 
-                from .batches import text_source
+        export_dir = output_dir / "export"
+        export_model(unwrapped, recipe, tokenizer, export_dir, which=train_cfg.export_which, trainer_state=state)
+        summary["export"] = str(export_dir)
+        if train_cfg.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
+            from textjepa.evaluation.embedding import ship_whitening
 
-                source = text_source(t.export_whiten_on, output_dir)
-                summary["whitening"] = ship_whitening(export_dir, source, t.export_whiten_docs,
-                                                      t.export_token_weights)
-        if log_cfg.plot and metrics_log is not None:
-            from .plots import plot_training_curves
+            from .batches import text_source
 
-            png = plot_training_curves(metrics_log.path, output_dir / "training_curves.png",
-                                       title=f"{recipe.objective} - {t.output_dir}")
-            summary["plot"] = str(png) if png else None
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return summary
+            source = text_source(train_cfg.export_whiten_on, output_dir)
+            summary["whitening"] = ship_whitening(export_dir, source, train_cfg.export_whiten_docs,
+                                                  train_cfg.export_token_weights)
+    if recipe.log.plot and metrics_log is not None:
+        from .plots import plot_training_curves
+
+        png = plot_training_curves(metrics_log.path, output_dir / "training_curves.png",
+                                   title=f"{recipe.objective} - {train_cfg.output_dir}")
+        summary["plot"] = str(png) if png else None
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
 
 
 LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg")  # model's loss_terms

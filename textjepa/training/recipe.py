@@ -20,47 +20,47 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from textjepa.configuration_textjepa import TextJepaConfig
+from textjepa.masking import MaskingConfig
+
+EMA_PREFIX = "ema_"  # recipe ema.<key> is TextJepaConfig.ema_<key>
+
 
 class RecipeError(ValueError):
     """A recipe that does not parse; the message names the file and the dotted key."""
 
 
-@dataclass
-class ModelSection:
-    """Encoder + predictor sizes; maps 1:1 onto TextJepaConfig fields (MLM uses the encoder ones).
+def _config_section(name: str, doc: str, config_cls, keys, prefix: str = "", extra=()):
+    """A recipe section whose keys are fields of `config_cls` (TextJepaConfig, MaskingConfig), so a
+    setting is declared once, in its config. keys: field names (minus `prefix`) in recipe order; a name
+    ending in "?" is optional in the recipe (type Optional, default null = the config's own default or
+    a value the trainer derives), any other takes the config's type and default. extra: recipe-only keys
+    as (name, type, default)."""
+    config_fields = config_cls.__dataclass_fields__
+    fields = []
+    for key in keys:
+        optional = key.endswith("?")
+        key = key.rstrip("?")
+        spec = config_fields[prefix + key]
+        fields.append((key, Optional[spec.type], None) if optional else (key, spec.type, spec.default))
+    fields += [(key, tp, default) for key, tp, default in extra]
+    section = dataclasses.make_dataclass(name, [(k, tp, field(default=d)) for k, tp, d in fields])
+    section.__doc__, section.__module__ = doc, __name__
+    return section
+
+
+ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; maps 1:1 onto TextJepaConfig fields (MLM uses the encoder ones).
 
     vocab_size and pad_token_id come from the tokenizer; max_position_embeddings defaults to
     data.block_size. Fields left at null keep TextJepaConfig's own default.
-    """
-
-    hidden_size: int = 256
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    intermediate_size: int = 1024
-    max_position_embeddings: Optional[int] = None
-    position_embedding_type: Optional[Literal["absolute", "rotary"]] = None
-    norm_placement: Optional[Literal["pre", "post"]] = None
-    hidden_dropout_prob: float = 0.0
-    attention_probs_dropout_prob: float = 0.0
-    predictor_hidden_size: Optional[int] = None
-    predictor_num_hidden_layers: Optional[int] = None
-    predictor_num_attention_heads: Optional[int] = None
-    target_num_layers: Optional[int] = None
-    target_norm: Optional[Literal["layer_norm", "instance_norm", "none"]] = None
-    loss_type: Optional[Literal["smooth_l1", "mse"]] = None
-    smooth_l1_beta: Optional[float] = None
-    variance_reg_weight: Optional[float] = None
-    sentence_loss_weight: Optional[float] = None
-    token_loss_weight: Optional[float] = None
-    span_loss_weight: Optional[float] = None
-    cross_view_loss_weight: Optional[float] = None
-    cross_view_target: Optional[Literal["teacher", "student"]] = None
-    bottleneck_loss_weight: Optional[float] = None
-    pooled_reg: Optional[Literal["none", "vicreg", "sigreg"]] = None
-    pooled_reg_weight: Optional[float] = None
-    sigreg_num_slices: Optional[int] = None
-    classifier_pooling: Optional[Literal["mean", "cls"]] = None
-    attn_implementation: Optional[Literal["sdpa", "eager"]] = None
+    """, TextJepaConfig, [
+    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings?",
+    "position_embedding_type?", "norm_placement?", "hidden_dropout_prob", "attention_probs_dropout_prob",
+    "predictor_hidden_size?", "predictor_num_hidden_layers?", "predictor_num_attention_heads?",
+    "target_num_layers?", "target_norm?", "loss_type?", "smooth_l1_beta?", "variance_reg_weight?",
+    "sentence_loss_weight?", "token_loss_weight?", "span_loss_weight?", "cross_view_loss_weight?",
+    "cross_view_target?", "bottleneck_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "classifier_pooling?"],
+    extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None)])  # a PreTrainedConfig kwarg
 
 
 @dataclass
@@ -86,26 +86,18 @@ class DataSection:
     num_workers: int = 0  # DataLoader workers building micro-batches (masks); 0 = in the training process
 
 
-@dataclass
-class MaskSection:
-    """JEPA masks: maps onto textjepa.masking.MaskingConfig (see the contract for meanings).
+MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textjepa.masking.MaskingConfig (see the contract for meanings);
+    batches.masking_config turns the section into one.
 
     mlm_probability is used only by `objective: mlm` (HF DataCollatorForLanguageModeling).
     special_tokens_never_target: the tokenizer's special ids are passed as special_token_ids.
-    """
-
-    num_masks: int = 1
-    target_ratio: float = 0.3
-    num_spans: Optional[int] = 4  # null with mean_span_length set (data2vec-like many short spans)
-    span_length_distribution: Literal["uniform", "geometric", "poisson"] = "uniform"
-    mean_span_length: Optional[float] = None
-    min_span_length: int = 1
-    extra_context_drop: float = 0.0
-    allow_overlap: bool = False
-    num_views: int = 1  # 2, 4, ...: each block becomes that many segments (the cross-view target's pairs)
-    views: Literal["none", "document_halves"] = "none"  # segments per half document (cross-view pairs)
-    special_tokens_never_target: bool = True
-    mlm_probability: float = 0.15
+    num_spans: null with mean_span_length set (data2vec-like many short spans). num_views 2, 4, ...:
+    each block becomes that many segments (the cross-view target's pairs); views: document_halves:
+    segments per half document (cross-view pairs).
+    """, MaskingConfig, [
+    "num_masks", "target_ratio", "num_spans", "span_length_distribution", "mean_span_length", "min_span_length",
+    "extra_context_drop", "allow_overlap", "num_views", "views"],
+    extra=[("special_tokens_never_target", bool, True), ("mlm_probability", float, 0.15)])
 
 
 @dataclass
@@ -125,14 +117,10 @@ class OptimSection:
     fused: Optional[bool] = None
 
 
-@dataclass
-class EmaSection:
-    """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step.
-    schedule "frozen" never updates the teacher (a fixed random-target baseline)."""
-
-    momentum_start: float = 0.996
-    momentum_end: float = 1.0
-    schedule: Literal["cosine", "linear", "constant", "frozen"] = "cosine"
+EmaSection = _config_section("EmaSection", """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step: TextJepaConfig's
+    ema_* fields. schedule "frozen" never updates the teacher (a fixed random-target baseline);
+    schedules.ema_momentum computes each step's value.""",
+    TextJepaConfig, ["momentum_start", "momentum_end", "schedule"], prefix=EMA_PREFIX)
 
 
 @dataclass

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from textjepa.corpus import QUICKSTART_GZ
+from textjepa.evaluation.metrics import diagonal_top1_and_mrr
 
 
 def continuation_pairs(num_pairs: int = 256, words: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
@@ -40,13 +41,6 @@ def _embed(model, tokenizer, texts) -> torch.Tensor:
     return encode(model, tokenizer, texts, max_length=max_length, show_progress=False, convert_to_tensor=True)
 
 
-def _retrieval_scores(similarity: torch.Tensor) -> tuple[float, float]:
-    """(top-1 accuracy, MRR) when the right answer of query i is column i."""
-    correct = similarity.diagonal().unsqueeze(1)
-    ranks = (similarity > correct).sum(dim=1) + 1
-    return float((ranks == 1).float().mean()), float((1.0 / ranks.float()).mean())
-
-
 def continuation_retrieval(export_dir, num_pairs: int = 256) -> dict:
     import textjepa  # noqa: F401  (registers the textjepa model type with AutoModel)
     from transformers import AutoConfig, AutoModel, AutoTokenizer
@@ -59,7 +53,7 @@ def continuation_retrieval(export_dir, num_pairs: int = 256) -> dict:
     results = {"pairs": len(queries)}
     for name, model in (("trained", trained), ("random_init", random_init)):
         similarity = _embed(model, tokenizer, queries) @ _embed(model, tokenizer, answers).T
-        results[name] = dict(zip(("top1", "mrr"), _retrieval_scores(similarity)))
+        results[name] = dict(zip(("top1", "mrr"), diagonal_top1_and_mrr(similarity)))
     # bag-of-words cosine on the tokenizer's ids: the lexical floor
     vocab = len(tokenizer)
 
@@ -69,7 +63,7 @@ def continuation_retrieval(export_dir, num_pairs: int = 256) -> dict:
             m[i].index_add_(0, torch.tensor(ids, dtype=torch.long), torch.ones(len(ids)))
         return torch.nn.functional.normalize(m, dim=-1)
 
-    results["bag_of_words"] = dict(zip(("top1", "mrr"), _retrieval_scores(bow(queries) @ bow(answers).T)))
+    results["bag_of_words"] = dict(zip(("top1", "mrr"), diagonal_top1_and_mrr(bow(queries) @ bow(answers).T)))
     return results
 
 
