@@ -129,6 +129,7 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
 
     assert summary["whitening"] == str(out / "export" / "whitening.safetensors")
     assert len(SentenceEncoder(str(out / "export")).whitening) == 1
+    assert (out / "export" / "2_Dense" / "model.safetensors").is_file()  # SentenceTransformer applies it too
 
 
 CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,

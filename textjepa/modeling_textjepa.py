@@ -8,8 +8,8 @@ Read top to bottom:
   TextJepaForPreTraining                                                 -- student + predictor + teacher + loss
   TextJepaForSequenceClassification                                      -- downstream head
 
-This file imports only torch and transformers (plus its configuration twin), so `export_encoder(...,
-auto_map=True)` can copy it next to the weights for `trust_remote_code=True` users.
+This file imports only torch and transformers (plus its configuration twin), so `export_encoder` (auto_map,
+on by default) can copy it next to the weights for `trust_remote_code=True` users.
 
 Shapes: B batch, L full sequence length, T tokens the encoder reads (L for the teacher, Nc for the
 student), K masks per sequence, Nc context tokens, Nt target tokens, H hidden size, Hp predictor width.
@@ -645,11 +645,12 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             return start + (end - start) * progress
         return end - (end - start) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
-    def export_encoder(self, save_directory, which="teacher", auto_map=False, **save_kwargs):
+    def export_encoder(self, save_directory, which="teacher", auto_map=True, **save_kwargs):
         """Save the teacher (default) or student as a plain `TextJepaModel` directory (safetensors).
 
-        With auto_map=True the configuration/modeling files are copied beside the weights so
-        `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without textjepa installed.
+        With auto_map=True (the default) config.json names the classes and the configuration/modeling
+        files are copied beside the weights, so `AutoModel` / `AutoModelForSequenceClassification
+        .from_pretrained(dir, trust_remote_code=True)` work without textjepa installed.
         """
         if which not in ("teacher", "student"):
             raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")

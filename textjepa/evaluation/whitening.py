@@ -3,6 +3,7 @@
     mean, matrix = fit_whitening(vectors)          # vectors: (N, H) raw (un-normalised) pooled embeddings
     white = apply_whitening(x, mean, matrix)       # (x - mean) @ matrix
     save_whitening(model_dir, mean, matrix)        # model_dir/whitening.safetensors: SentenceEncoder applies it
+                                                   # (and an export's sentence-transformers Dense module)
     ship_whitening(model_dir, "corpus/*.parquet")  # fit on a sample of unlabeled text and save it beside the model
     textjepa whiten --model DIR --on 'corpus/*.parquet' [--max-docs 8800]   # the same from the shell
 
@@ -50,7 +51,19 @@ def save_whitening(model_dir, mean, matrix):
     save_file({"mean": np.ascontiguousarray(mean, dtype=np.float32),
                "matrix": np.ascontiguousarray(matrix, dtype=np.float32)}, temporary)
     os.replace(temporary, path)
+    _refresh_sentence_transformers_layout(model_dir)
     return path
+
+
+def _refresh_sentence_transformers_layout(model_dir):
+    """Keep an export's sentence-transformers Dense module equal to the whitening it ships (or absent)."""
+    from textjepa.evaluation.sentence_transformers_export import (
+        has_sentence_transformers_layout,
+        write_sentence_transformers_layout,
+    )
+
+    if has_sentence_transformers_layout(model_dir):
+        write_sentence_transformers_layout(model_dir)
 
 
 def ship_whitening(model_dir, source, max_docs=8_800):
@@ -62,6 +75,7 @@ def ship_whitening(model_dir, source, max_docs=8_800):
     path = os.path.join(str(model_dir), WHITENING_FILE)
     if os.path.exists(path):
         os.remove(path)
+        _refresh_sentence_transformers_layout(model_dir)
     texts = read_unlabeled_texts(source, max_docs)
     vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
     return save_whitening(model_dir, *fit_whitening(vectors))
