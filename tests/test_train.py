@@ -130,6 +130,7 @@ def test_loss_goes_down_exports_and_logs(tiny_data, tmp_path):
     assert summary["whitening"] == str(out / "export" / "whitening.safetensors")
     shipped = SentenceEncoder(str(out / "export"))
     assert len(shipped.whitening) == 1 and shipped.token_weights.shape == (len(shipped.tokenizer),)
+    assert (out / "export" / "2_Dense" / "model.safetensors").is_file()  # SentenceTransformer applies it too
 
 
 CONCEPTS = {"mask.num_views": 2, "model.span_loss_weight": 1.0, "model.cross_view_loss_weight": 1.0,

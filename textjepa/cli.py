@@ -1,11 +1,5 @@
-"""`textjepa` console entry point: a thin dispatcher to each component's own `main(argv)`.
-
-    textjepa tokenizer train ...   -> textjepa.tokenization.cli_main
-    textjepa train ...             -> textjepa.train.main
-    textjepa export ...            -> textjepa.training.export.main
-    textjepa evaluate ...          -> textjepa.evaluation.suite.main
-    textjepa glue ...              -> textjepa.evaluation.glue.main
-    textjepa whiten ...            -> textjepa.evaluation.embedding.whiten_main
+"""`textjepa` console entry point: a thin dispatcher to each component's own `main(argv)` (COMMANDS).
+`textjepa` alone or `textjepa --help` lists the commands; `textjepa --version` prints the version.
 
 A failure ends with one line on stderr naming the file or key and what was expected, and a non-zero
 exit code; `--debug` (anywhere on the command line) or TEXTJEPA_DEBUG=1 prints the traceback too.
@@ -15,6 +9,16 @@ import importlib
 import os
 import sys
 import traceback
+
+# command -> what it does, for `textjepa` / `textjepa --help`
+SUMMARIES = {
+    "train": "pretrain an encoder from a YAML recipe (textjepa train --recipe recipes/quickstart.yaml)",
+    "export": "write a checkpoint's encoder as a from_pretrained / SentenceTransformer directory",
+    "evaluate": "score encoders on every task and retrieval folder under --data-dir (one table)",
+    "glue": "linear probe or fine-tune an encoder on one GLUE-style task",
+    "whiten": "fit SIF token weights and whitening on unlabeled text and ship them inside an encoder directory",
+    "tokenizer": "train a tokenizer on text files (textjepa tokenizer train --source ... --output DIR)",
+}
 
 # command -> (module, function). Imports are lazy so `textjepa --help` stays instant.
 COMMANDS = {
@@ -30,7 +34,12 @@ COMMANDS = {
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: textjepa {" + ",".join(COMMANDS) + "} [args...]\n" + (__doc__ or ""))
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from textjepa import __version__
+
+        print(f"textjepa {__version__}")
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -39,6 +48,14 @@ def main(argv=None):
     module_name, function_name = COMMANDS[command]
     return run(f"textjepa {command}", lambda args: getattr(importlib.import_module(module_name), function_name)(args),
                rest)
+
+
+def usage() -> str:
+    width = max(len(name) for name in SUMMARIES)
+    lines = ["usage: textjepa <command> [options]   (textjepa <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {SUMMARIES[name]}" for name in SUMMARIES]
+    lines += ["", "  --version     print the version", "  --debug       (any command) print the traceback of a failure"]
+    return "\n".join(lines)
 
 
 def one_line(err: BaseException) -> str:

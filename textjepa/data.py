@@ -7,7 +7,8 @@
                                                  token (</s> for our tokenizers, [SEP] for BERT's), no padding
     check_block_size(block_size, max_position_embeddings)  -> raises when the model cannot read a block
 
-Sources are local files (.txt, .jsonl/.json, .csv, .parquet, or globs of them) or hub dataset names
+Sources are local files (.txt, .jsonl/.json, .csv, .parquet, or globs of them), directories written by
+`save_to_disk` (a Dataset, or a DatasetDict's "train" split; read with load_from_disk) or hub dataset names
 ("wikitext" or "Salesforce/wikitext:wikitext-2-raw-v1": the part after ':' is the config; split "train").
 
 Counted skips (logged, never silent): documents that are empty or whitespace-only after loading, and the
@@ -68,9 +69,38 @@ def _is_local(source):
     )
 
 
+def is_saved_dataset(path):
+    """A directory written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    path = os.path.expanduser(str(path))
+    return os.path.isdir(path) and (
+        os.path.isfile(os.path.join(path, "dataset_dict.json"))
+        or (os.path.isfile(os.path.join(path, "state.json")) and os.path.isfile(os.path.join(path, "dataset_info.json"))))
+
+
+def _load_saved_dataset(path, text_column, streaming):
+    """A save_to_disk directory through load_from_disk (its JSON metadata is not data); of a DatasetDict,
+    the "train" split, else every split concatenated."""
+    import datasets
+
+    loaded = datasets.load_from_disk(os.path.expanduser(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" in loaded:
+            ds = loaded["train"]
+        else:
+            logger.info("%s: no 'train' split; using all of %s", path, list(loaded))
+            ds = datasets.concatenate_datasets([loaded[k] for k in loaded])
+    else:
+        ds = loaded
+    ds = _select_text(ds, text_column, where=f"save_to_disk dataset {path!r}")
+    return ds.to_iterable_dataset() if streaming else ds
+
+
 def _expand_local(source):
-    """A path, directory or glob -> sorted list of data files; raises when nothing matches."""
+    """A path, directory or glob -> sorted list of data files (a save_to_disk directory stays whole);
+    raises when nothing matches."""
     path = os.path.expanduser(source)
+    if is_saved_dataset(path):
+        return [path]
     if os.path.isdir(path):
         files = sorted(
             f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True)
@@ -175,6 +205,10 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
     for source in _as_list(sources):
         if _is_local(source):
             for f in _expand_local(source):
+                if is_saved_dataset(f):
+                    parts.append(_load_saved_dataset(f, text_column, streaming))
+                    names.append(f"save_to_disk dataset {f!r}")
+                    continue
                 ext = os.path.splitext(f)[1].lower()
                 if ext not in EXTENSION_BUILDERS:
                     raise ValueError(f"{f}: unsupported file type {ext!r}; expected one of {sorted(EXTENSION_BUILDERS)}")

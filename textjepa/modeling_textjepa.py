@@ -8,8 +8,8 @@ Read top to bottom:
   TextJepaForPreTraining                                                 -- student + predictor + teacher + loss
   TextJepaForSequenceClassification                                      -- downstream head
 
-This file imports only torch and transformers (plus its configuration twin), so `export_encoder(...,
-auto_map=True)` can copy it next to the weights for `trust_remote_code=True` users.
+This file imports only torch and transformers (plus its configuration twin), so `export_encoder` (auto_map,
+on by default) can copy it next to the weights for `trust_remote_code=True` users.
 
 Shapes: B batch, L full sequence length, T tokens the encoder reads (L for the teacher, Nc for the
 student), K masks per sequence, Nc context tokens, Nt target tokens, H hidden size, Hp predictor width.
@@ -118,7 +118,9 @@ class TextJepaAttention(nn.Module):
     """Bidirectional multi-head self-attention with one fused QKV projection.
 
     `attn_implementation` "sdpa" calls torch's scaled_dot_product_attention; "eager" is the same
-    math written out (softmax(QK^T/sqrt(d) + mask) V) and must give the same numbers.
+    math written out (softmax(QK^T/sqrt(d) + mask) V) and must give the same numbers. With
+    output_attentions=True the eager math runs (whatever the implementation) and forward returns
+    (output, probabilities (B, heads, Tq, T)).
     """
 
     def __init__(self, config, hidden_size, num_heads):
@@ -131,7 +133,7 @@ class TextJepaAttention(nn.Module):
         self.output = nn.Linear(hidden_size, hidden_size)
         self.dropout_prob = config.attention_probs_dropout_prob
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None):
+    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None, output_attentions=False):
         # hidden_states (B, T, D); attention_mask bool (B, 1, 1, T) or (B, 1, T, T), True = may be attended,
         # or None.
         # query_index (see select_tokens): when only some tokens' outputs are needed, only they ask
@@ -155,7 +157,8 @@ class TextJepaAttention(nn.Module):
         if rotary is not None:
             query, key = rotate(query, *query_rotary), rotate(key, *rotary)
         dropout = self.dropout_prob if self.training else 0.0
-        if self.config._attn_implementation == "eager":
+        probs = None
+        if self.config._attn_implementation == "eager" or output_attentions:
             scores = torch.matmul(query, key.transpose(-1, -2)) * self.scaling  # (B, heads, T, T)
             if attention_mask is not None:
                 scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
@@ -166,6 +169,8 @@ class TextJepaAttention(nn.Module):
                 query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=self.scaling
             )
         context = context.transpose(1, 2).reshape(batch, query.shape[2], width)
+        if output_attentions:
+            return self.output(context), probs
         return self.output(context)
 
 
@@ -186,20 +191,22 @@ class TextJepaLayer(GradientCheckpointingLayer):
     def mlp(self, x):
         return self.mlp_output(self.activation(self.intermediate(x)))
 
-    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None):
+    def forward(self, hidden_states, attention_mask=None, rotary=None, query_index=None, output_attentions=False):
         # query_index (see select_tokens): compute the outputs of those tokens only, (B, Tq, H); every
         # token still serves as a key/value. Used where only some outputs are read (the teacher's last
         # layer at the target positions, the predictor's last layer at the mask tokens).
+        # output_attentions=True returns (hidden_states, attention probabilities (B, heads, Tq, T)).
         residual = hidden_states if query_index is None else select_tokens(hidden_states, query_index)
+        attention_input = self.attention_norm(hidden_states) if self.pre_norm else hidden_states
+        attended = self.attention(attention_input, attention_mask, rotary, query_index, output_attentions)
+        attended, probs = attended if output_attentions else (attended, None)
         if self.pre_norm:
-            hidden_states = residual + self.dropout(
-                self.attention(self.attention_norm(hidden_states), attention_mask, rotary, query_index)
-            )
-            return hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
-        hidden_states = self.attention_norm(
-            residual + self.dropout(self.attention(hidden_states, attention_mask, rotary, query_index))
-        )
-        return self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+            hidden_states = residual + self.dropout(attended)
+            hidden_states = hidden_states + self.dropout(self.mlp(self.mlp_norm(hidden_states)))
+        else:
+            hidden_states = self.attention_norm(residual + self.dropout(attended))
+            hidden_states = self.mlp_norm(hidden_states + self.dropout(self.mlp(hidden_states)))
+        return (hidden_states, probs) if output_attentions else hidden_states
 
 
 def padding_mask_to_attention_mask(attention_mask):
@@ -290,7 +297,9 @@ class TextJepaModel(TextJepaPreTrainedModel):
 
     forward(input_ids (B, T), attention_mask (B, T) or None, position_ids (B, T) or None) ->
     BaseModelOutput(last_hidden_state (B, T, H), hidden_states: (embeddings, layer 1, ..., layer N)
-    with the last entry after the final norm, so hidden_states[-1] == last_hidden_state).
+    with the last entry after the final norm, so hidden_states[-1] == last_hidden_state; with
+    output_attentions=True, attentions: one (B, heads, T, T) softmax per layer, computed by the eager
+    math whatever the attention implementation).
     Pass a gathered subset of a sequence with its original position_ids to encode only those tokens.
     """
 
@@ -330,6 +339,7 @@ class TextJepaModel(TextJepaPreTrainedModel):
         return_dict=None,
         query_index=None,
         segment_ids=None,
+        output_attentions=None,
         **kwargs,
     ):
         # segment_ids: optional (B, T) ids; a token then attends only to tokens of its own segment.
@@ -339,6 +349,7 @@ class TextJepaModel(TextJepaPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         batch, length = input_ids.shape
         if position_ids is None:
@@ -353,18 +364,24 @@ class TextJepaModel(TextJepaPreTrainedModel):
 
         hidden_states = self.embeddings(input_ids, position_ids)  # (B, T, H)
         all_hidden_states = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            hidden_states = layer(hidden_states, mask, rotary, query_index if i == last else None)
+            hidden_states = layer(hidden_states, mask, rotary, query_index if i == last else None, output_attentions)
+            if output_attentions:
+                hidden_states, probs = hidden_states
+                all_attentions.append(probs)
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
         hidden_states = self.final_norm(hidden_states)
         if output_hidden_states:
             all_hidden_states[-1] = hidden_states
             all_hidden_states = tuple(all_hidden_states)
+        all_attentions = tuple(all_attentions) if output_attentions else None
         if not return_dict:
-            return tuple(v for v in (hidden_states, all_hidden_states) if v is not None)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states)
+            return tuple(v for v in (hidden_states, all_hidden_states, all_attentions) if v is not None)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                               attentions=all_attentions)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -631,11 +648,12 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
     def load_teacher_state_dict(self, state_dict):
         self.teacher.load_state_dict(state_dict, strict=True)
 
-    def export_encoder(self, save_directory, which="teacher", auto_map=False, **save_kwargs):
+    def export_encoder(self, save_directory, which="teacher", auto_map=True, **save_kwargs):
         """Save the teacher (default) or student as a plain `TextJepaModel` directory (safetensors).
 
-        With auto_map=True the configuration/modeling files are copied beside the weights so
-        `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without textjepa installed.
+        With auto_map=True (the default) config.json names the classes and the configuration/modeling
+        files are copied beside the weights, so `AutoModel` / `AutoModelForSequenceClassification
+        .from_pretrained(dir, trust_remote_code=True)` work without textjepa installed.
         """
         if which not in ("teacher", "student"):
             raise ValueError(f"which must be 'teacher' or 'student', got {which!r}")

@@ -306,7 +306,15 @@ def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
     if token_weights == "sif":
         save_token_weights(model_dir, fit_sif_weights(load_encoder(str(model_dir))[1], texts))
     vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
-    return save_whitening(model_dir, *fit_whitening(vectors))
+    path = save_whitening(model_dir, *fit_whitening(vectors))
+    from textjepa.evaluation.sentence_transformers_export import (
+        has_sentence_transformers_layout,
+        write_sentence_transformers_layout,
+    )
+
+    if has_sentence_transformers_layout(model_dir):  # keep SentenceTransformer(model_dir) in step with it
+        write_sentence_transformers_layout(model_dir)
+    return path
 
 
 def whiten_main(argv=None):

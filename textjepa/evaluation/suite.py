@@ -45,11 +45,17 @@ SKIP_DIRS = {"pretrain", "__pycache__", ".git"}
 
 
 def discover(data_dir):
-    """-> (task folders with task.json, BEIR folders), both sorted."""
+    """-> (task folders with task.json, BEIR folders), both sorted; symlinked folders are followed."""
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"{data_dir}: data directory does not exist")
     tasks, beir = [], []
-    for root, dirs, files in os.walk(data_dir):
+    seen = set()  # real paths walked: symlinked folders are followed, a link cycle is not
+    for root, dirs, files in os.walk(data_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
         if "task.json" in files:
             tasks.append(root)
@@ -271,10 +277,12 @@ def markdown_table(report):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def build_parser():
     p = argparse.ArgumentParser(prog="textjepa evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], help="encoder directory (repeat for more columns)")
-    p.add_argument("--data-dir", required=True)
+    p.add_argument("--data-dir", required=True,
+                   help="folder searched (symlinks followed) for task folders (task.json + split files) and BEIR "
+                        "folders (corpus.jsonl + queries.jsonl + qrels/)")
     p.add_argument("--output", default=None, help="results JSON file")
     p.add_argument("--max-examples", type=int, default=None,
                    help="cap every probe split and each retrieval query set (never the corpus)")
@@ -289,11 +297,19 @@ def main(argv=None):
     p.add_argument("--whiten-max-docs", type=int, default=10_000, help="documents read for whitening (500 chars each)")
     p.add_argument("--token-weights", choices=TOKEN_WEIGHTS, default="none",
                    help="with --whiten-on: the post-processed column also pools with SIF token weights")
-    p.add_argument("--pooling", default="mean", choices=["mean", "cls"])
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--pooling", default="mean", choices=["mean", "cls"],
+                   help="sentence vector: mean of the token states (default) or the first token's state")
+    p.add_argument("--batch-size", type=int, default=64, help="texts per forward pass (default 64)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate inputs to this many tokens (default: the tokenizer's / position table's limit, "
+                        "at most 512)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu, where from_pretrained loads the model)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if not args.model and not args.baseline:
         p.error("nothing to evaluate: give --model DIR and/or --baseline tfidf|bm25")

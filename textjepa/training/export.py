@@ -6,6 +6,10 @@ JEPA: the teacher (default) or student as a plain TextJepaModel (model.export_en
 MLM: RobertaForMaskedLM's encoder saved as a RobertaModel (with a freshly initialised, untrained
 pooler so that AutoModel's default RobertaModel loads it without missing-key warnings; use mean
 pooling of last_hidden_state, as for the JEPA encoder).
+Every export is self-describing: a JEPA export's config.json has `auto_map` and the directory holds
+configuration_textjepa.py / modeling_textjepa.py (AutoModel / AutoModelForSequenceClassification with
+trust_remote_code=True need no textjepa), and both kinds carry the sentence-transformers layout
+(modules.json, 1_Pooling/, 3_Normalize/, and 2_Dense/ once whitening is shipped).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def model_card(recipe, trainer_state, which: str) -> str:
     m = recipe.model
     return f"""---
 library_name: transformers
-tags: [textjepa, {recipe.objective}, feature-extraction]
+tags: [textjepa, {recipe.objective}, feature-extraction, sentence-transformers]
 ---
 # {kind}
 
@@ -58,14 +62,20 @@ hidden size {m.hidden_size}, {m.num_attention_heads} heads, blocks of {recipe.da
 {steps} optimizer steps, **{tokens} tokens seen**, data: `{recipe.data.source}`.
 
 ```python
-import textjepa  # registers the model type with AutoModel (not needed for the MLM baseline)
 from transformers import AutoModel, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("PATH")
-model = AutoModel.from_pretrained("PATH")
+model = AutoModel.from_pretrained("PATH", trust_remote_code=True)  # or `import textjepa` first
 batch = tokenizer(["A sentence to embed."], return_tensors="pt")
 states = model(**batch).last_hidden_state                     # (batch, tokens, hidden)
 mask = batch["attention_mask"].unsqueeze(-1)
 embedding = (states * mask).sum(1) / mask.sum(1)             # mean pooling
+```
+
+Sentence embeddings as textjepa's SentenceEncoder gives them (mean pooling, shipped whitening, L2 norm):
+
+```python
+from sentence_transformers import SentenceTransformer
+vectors = SentenceTransformer("PATH", trust_remote_code=True).encode(["A sentence to embed."])
 ```
 {"The pooler of this RobertaModel is untrained (added so AutoModel loads without warnings); use mean pooling." if recipe.objective == "mlm" else ""}
 
@@ -92,9 +102,21 @@ def check_finite(model, where) -> None:
                           "the run diverged: export an earlier checkpoint")
 
 
+def write_sentence_transformers_layout(export_dir, config, tokenizer) -> None:
+    """modules.json, pooling and normalisation (as SentenceEncoder encodes), so SentenceTransformer(export_dir,
+    trust_remote_code=True) gives SentenceEncoder's vectors; a whitening shipped later adds its Dense module."""
+    from textjepa.evaluation.embedding import default_max_length
+    from textjepa.evaluation.sentence_transformers_export import write_sentence_transformers_layout as write
+
+    write(export_dir, pooling="mean", normalize=True, max_seq_length=default_max_length(config, tokenizer),
+          hidden_size=config.hidden_size)
+
+
 def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", trainer_state=None) -> Path:
-    """Write the encoder, the tokenizer and README.md into output_dir (model: the unwrapped
-    TextJepaForPreTraining or RobertaForMaskedLM). Written into `.tmp-export-<name>` beside it and then
+    """Write the encoder, the tokenizer, the sentence-transformers layout and README.md into output_dir
+    (model: the unwrapped TextJepaForPreTraining or RobertaForMaskedLM). A JEPA export also carries
+    `auto_map` and configuration_textjepa.py / modeling_textjepa.py, so it loads with
+    trust_remote_code=True where textjepa is not installed. Written into `.tmp-export-<name>` beside it and then
     renamed, so output_dir always holds one whole export (a previous one is replaced)."""
     output_dir = Path(output_dir)
     check_finite(model, f"{output_dir}: the model to export")
@@ -108,11 +130,12 @@ def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", t
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     if recipe.objective == "jepa":
-        model.export_encoder(str(tmp_dir), which=which)
+        model.export_encoder(str(tmp_dir), which=which, auto_map=True)  # + the two model files
     else:
         _export_mlm_encoder(model, tmp_dir)
     fault_point("export", trainer_state.step if trainer_state is not None else -1)
     tokenizer.save_pretrained(str(tmp_dir))
+    write_sentence_transformers_layout(tmp_dir, model.config, tokenizer)
     (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
     fsync_tree(tmp_dir)
     if output_dir.exists():  # a previous export: swap it out, then delete it
