@@ -49,6 +49,22 @@ def _weights_finite(unwrapped) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its config / flag
+
+
+def precision_conflict(recipe) -> str | None:
+    """One line when the recipe's train.mixed_precision differs from the launcher's, else None. The
+    recipe wins (an explicit setting is the more specific one); null in the recipe takes the
+    launcher's, and without a launcher accelerate's default "no" (fp32)."""
+    import os
+
+    chosen, launched = recipe.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION_ENV)
+    if chosen is None or launched is None or launched.lower() == chosen:
+        return None
+    return (f"train.mixed_precision={chosen} overrides the launcher's mixed_precision={launched.lower()} "
+            f"(the recipe wins; set it to null to use the launcher's)")
+
+
 def make_accelerator(recipe):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -59,7 +75,7 @@ def make_accelerator(recipe):
     # gloo processes (MULTI_CPU); with a GPU, `train.cpu: true` forces the CPU anyway.
     return Accelerator(
         cpu=t.cpu or not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
+        mixed_precision=t.mixed_precision,  # None: $ACCELERATE_MIXED_PRECISION, else "no"
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
@@ -336,6 +352,9 @@ def _train(recipe, resume, model, announce, cleanup):
         torch.set_num_threads(train_cfg.threads)
     accelerator = make_accelerator(recipe)
     say = announce if accelerator.is_main_process else (lambda *a, **k: None)
+    conflict = precision_conflict(recipe)
+    if conflict:
+        say(conflict)
     _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
     output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
     set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
@@ -355,7 +374,7 @@ def _train(recipe, resume, model, announce, cleanup):
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
     say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, {data.num_train_blocks} train "
         f"blocks of {recipe.data.block_size} tokens, {train_cfg.max_steps} steps x {data.tokens_per_step} tokens "
-        f"({accelerator.num_processes} process(es), {accelerator.device}, precision {train_cfg.mixed_precision}); "
+        f"({accelerator.num_processes} process(es), {accelerator.device}, precision {accelerator.mixed_precision}); "
         f"setup {time.perf_counter() - setup_start:.1f}s")
 
     batches = iter(micro_batch_loader(data, recipe, state.step, accelerator.device))  # from the last step on
@@ -417,7 +436,8 @@ def _train(recipe, resume, model, announce, cleanup):
     last_checkpoint = _save_last(accelerator, model, output_dir, state, recipe, data.tokenizer, stop_reason, say)
     summary = {"objective": recipe.objective, "steps": state.step, "max_steps": train_cfg.max_steps,
                "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "end_reason": end_reason,
-               "checkpoint": str(last_checkpoint), "parameters": n_params, "final_metrics": state.last_metrics,
+               "checkpoint": str(last_checkpoint), "parameters": n_params, "mixed_precision": accelerator.mixed_precision,
+               "final_metrics": state.last_metrics,
                "first_metrics": recorder.history[0] if recorder.history else None,
                "tokens_per_s_mean": _mean_throughput(recorder.history)}
     if accelerator.is_main_process:
