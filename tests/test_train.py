@@ -331,6 +331,27 @@ def test_bf16_autocast_runs(tiny_data, tmp_path):
     assert all(v.dtype == torch.float32 for v in teacher_state(tmp_path / "bf16" / "checkpoint-00000004").values())
 
 
+def test_precision_comes_from_the_launcher_unless_the_recipe_sets_it(tiny_data, tmp_path, monkeypatch):
+    """train.mixed_precision null takes `accelerate launch`'s (ACCELERATE_MIXED_PRECISION); a recipe
+    value wins and says so in one line; without a launcher null is fp32."""
+    said = []
+    plain = loop.train(tiny_recipe(tiny_data, tmp_path / "plain", **{"train.max_steps": 1}), announce=said.append)
+    assert plain["mixed_precision"] == "no" and "precision no)" in said[0]
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    said = []
+    launched = loop.train(tiny_recipe(tiny_data, tmp_path / "launched", **{"train.max_steps": 2}), announce=said.append)
+    assert launched["mixed_precision"] == "bf16" and any("precision bf16)" in line for line in said)
+    assert not any("overrides" in line for line in said)
+    assert np.isfinite(launched["final_metrics"]["loss"])
+    said = []
+    pinned = loop.train(tiny_recipe(tiny_data, tmp_path / "pinned", **{"train.max_steps": 1,
+                                                                         "train.mixed_precision": "no"}),
+                        announce=said.append)
+    assert pinned["mixed_precision"] == "no"
+    assert said[0] == ("train.mixed_precision=no overrides the launcher's mixed_precision=bf16 (the recipe wins; "
+                       "set it to null to use the launcher's)")
+
+
 def test_cli_reports_bad_recipe(tmp_path, capsys):
     from textjepa.train import main
 

@@ -585,7 +585,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
     """Student encoder (`self.textjepa`), predictor, and an EMA teacher that is deliberately *not* a
     registered submodule: it has no gradients, stays out of `parameters()`/`state_dict()` (so DDP and
     FSDP never wrap it and `save_pretrained` cannot mix it up with the student), and is created as a
-    copy of the student the first time it is needed (after any weight loading or DDP broadcast).
+    copy of the student the first time it is needed. Under FSDP touch `model.teacher` before wrapping
+    (the trainer does): a copy of the sharded student is not a plain encoder.
     Checkpoints carry it through `teacher_state_dict()` / `load_teacher_state_dict()`.
     """
 
@@ -610,6 +611,9 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
     @property
     def teacher(self):
         if self._teacher is None:
+            if any(hasattr(p, "full_tensor") for p in self.textjepa.parameters()):
+                raise RuntimeError("the EMA teacher must be created from the full student, before FSDP shards it: "
+                                   "touch `model.teacher` before accelerator.prepare(model)")
             teacher = copy.deepcopy(self.textjepa).float().eval()
             teacher.requires_grad_(False)
             object.__setattr__(self, "_teacher", teacher)
@@ -632,13 +636,23 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
     def update_teacher(self, momentum):
         """teacher <- momentum * teacher + (1 - momentum) * student, one fused foreach op.
 
-        Call once per optimizer step (on `accelerator.sync_gradients`), on the unwrapped model.
+        Call once per optimizer step (on `accelerator.sync_gradients`), on the unwrapped model, on
+        every process. Under FSDP2 (`fully_shard`) the student's parameters are DTensor shards while
+        the teacher is a full copy on every process: each parameter is all-gathered in turn
+        (`full_tensor()`, a collective, hence every process) and the teacher moves towards it, so
+        the teachers stay identical across processes and the peak extra memory is one parameter.
         """
         if momentum >= 1.0:
             return
         teacher_params = list(self.teacher.parameters())
-        student_params = [p.detach().to(t.dtype) for p, t in zip(self.textjepa.parameters(), teacher_params)]
-        torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+        student_params = list(self.textjepa.parameters())
+        if any(hasattr(p, "full_tensor") for p in student_params):  # DTensor shards (FSDP2)
+            for teacher_param, student_param in zip(teacher_params, student_params):
+                full = student_param.detach().full_tensor() if hasattr(student_param, "full_tensor") else student_param
+                teacher_param.lerp_(full.to(teacher_param.dtype), 1.0 - momentum)
+        else:
+            student_params = [p.detach().to(t.dtype) for p, t in zip(student_params, teacher_params)]
+            torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
         for teacher_buffer, student_buffer in zip(self.teacher.buffers(), self.textjepa.buffers()):
             teacher_buffer.copy_(student_buffer)
 

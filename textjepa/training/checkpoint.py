@@ -229,6 +229,28 @@ def _describe_write_error(err: Exception, path: Path) -> str:
     return f"{path}: writing the checkpoint failed: {type(err).__name__}: {text.splitlines()[0] if text else ''}"
 
 
+def _full_model_state(accelerator, model) -> dict | None:
+    """Under FSDP the whole (unsharded) model state on the main process's CPU ({} elsewhere), so that
+    every checkpoint also holds a plain model.safetensors: `textjepa export` and the end-of-run export
+    read it (resume reads accelerate's sharded files). None when not sharded (accelerate wrote it)."""
+    if accelerator.distributed_type.name != "FSDP":
+        return None
+    return accelerator.get_state_dict(model)
+
+
+def _without_shared(state_dict: dict) -> dict:
+    """Tensors contiguous on the CPU, each storage once (safetensors refuses tied copies, e.g. the MLM
+    decoder weight; the export re-ties them)."""
+    seen, kept = set(), {}
+    for name, tensor in state_dict.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        kept[name] = tensor.detach().cpu().contiguous()
+    return kept
+
+
 def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer,
                     diverged: bool = False) -> Path:
     """All processes call this. Written into a tmp dir, committed by an atomic rename (module doc).
@@ -245,10 +267,14 @@ def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, r
             tmp_dir.mkdir(parents=True)
         accelerator.wait_for_everyone()
         # model.safetensors (student + predictor / MLM), optimizer.bin, random_states_<rank>.pkl, ...
+        # (FSDP: pytorch_model_fsdp_0/ and optimizer_0/ in the config's state dict type instead)
         accelerator.save_state(str(tmp_dir))
+        full_model = _full_model_state(accelerator, model)  # FSDP: collective, every process
         fault_point("save", state.step)
         if accelerator.is_main_process:
             unwrapped = accelerator.unwrap_model(model)
+            if full_model is not None:
+                save_file(_without_shared(full_model), str(tmp_dir / "model.safetensors"))
             if recipe.objective == "jepa":
                 teacher = {k: v.detach().cpu().contiguous() for k, v in unwrapped.teacher_state_dict().items()}
                 save_file(teacher, str(tmp_dir / TEACHER_FILE))

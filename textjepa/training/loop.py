@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -41,12 +42,49 @@ class TrainingStopped(RuntimeError):
         self.checkpoint = checkpoint
 
 
-def _weights_finite(unwrapped) -> bool:
-    """True when every parameter (student, predictor, teacher) is finite."""
+def _weights_finite(accelerator, unwrapped) -> bool:
+    """True when every parameter (student, predictor, teacher) is finite on every process (FSDP: each
+    process checks its shards, the answer is shared; all processes call this)."""
     tensors = list(unwrapped.parameters()) + [b for b in unwrapped.buffers() if b.is_floating_point()]
     if hasattr(unwrapped, "teacher_state_dict"):  # the EMA teacher is not a registered submodule
         tensors += list(unwrapped.teacher_state_dict().values())
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+    tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]  # DTensor shards (FSDP2)
+    finite = all(bool(torch.isfinite(t).all()) for t in tensors)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(torch.tensor([float(not finite)], device=accelerator.device), reduction="sum")
+        finite = float(bad[0]) == 0
+    return finite
+
+
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its config / flag
+
+
+def precision_conflict(recipe) -> str | None:
+    """One line when the recipe's train.mixed_precision differs from the launcher's, else None. The
+    recipe wins (an explicit setting is the more specific one); null in the recipe takes the
+    launcher's, and without a launcher accelerate's default "no" (fp32)."""
+    chosen, launched = recipe.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION_ENV)
+    if chosen is None or launched is None or launched.lower() == chosen:
+        return None
+    return (f"train.mixed_precision={chosen} overrides the launcher's mixed_precision={launched.lower()} "
+            f"(the recipe wins; set it to null to use the launcher's)")
+
+
+def _fsdp_over_gloo() -> None:
+    """An FSDP launch config on CPU processes: accelerate (1.15) applies FSDP only to accelerator
+    process groups and would silently run plain DDP over gloo instead. torch's FSDP2 shards over gloo
+    too, so the CPU group is presented to accelerate as a multi-device one (as on GPUs, where
+    PartialState says MULTI_GPU and AcceleratorState FSDP); this is how the FSDP code paths are
+    tested without GPUs (recipes/accelerate/fsdp_cpu_2proc.yaml). FSDP2 only: FSDP1 wants a device."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise RuntimeError("FSDP on CPU processes needs fsdp_version: 2 in the accelerate config (FSDP1 "
+                           "shards on accelerators only)")
+    state = PartialState(cpu=True)
+    if state.distributed_type == DistributedType.MULTI_CPU:
+        state.distributed_type = DistributedType.MULTI_GPU  # the shared state: AcceleratorState copies it
 
 
 def make_accelerator(recipe):
@@ -57,9 +95,12 @@ def make_accelerator(recipe):
     trackers = [name for name in recipe.log.trackers if name != "jsonl"]
     # Without a GPU, cpu=True is what makes `accelerate launch --multi_gpu --num_processes N` give N
     # gloo processes (MULTI_CPU); with a GPU, `train.cpu: true` forces the CPU anyway.
+    cpu = t.cpu or not torch.cuda.is_available()
+    if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_over_gloo()
     return Accelerator(
-        cpu=t.cpu or not torch.cuda.is_available(),
-        mixed_precision=t.mixed_precision,
+        cpu=cpu,
+        mixed_precision=t.mixed_precision,  # None: $ACCELERATE_MIXED_PRECISION, else "no"
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
@@ -102,17 +143,46 @@ def probe_effective_rank(model, probe_ids: torch.Tensor, device, chunk: int = 64
     return effective_rank(torch.cat(pooled))
 
 
+def _is_sharded(accelerator) -> bool:
+    return accelerator.distributed_type.name == "FSDP"
+
+
 def _shared_effective_rank(accelerator, unwrapped, probe_ids: torch.Tensor) -> float:
-    """probe_effective_rank on the main process, handed to every process."""
+    """probe_effective_rank on the main process, handed to every process. Under FSDP every process
+    runs the probe (a sharded encoder's forward is collective; the JEPA teacher is a full copy, but the
+    MLM encoder is sharded) and the main process's value is kept."""
     rank_value = torch.zeros(1, device=accelerator.device)
-    if accelerator.is_main_process:
-        rank_value += probe_effective_rank(unwrapped, probe_ids, accelerator.device)
+    if accelerator.is_main_process or _is_sharded(accelerator):
+        value = probe_effective_rank(unwrapped, probe_ids, accelerator.device)
+        if accelerator.is_main_process:
+            rank_value += value
     return float(accelerator.reduce(rank_value, reduction="sum"))
 
 
+def _set_fsdp_wrap_classes(accelerator, model) -> None:
+    """FSDP with the transformer auto-wrap policy and no fsdp_transformer_layer_cls_to_wrap: one unit
+    per class of the model's `_no_split_modules` (TextJepaLayer / RobertaLayer), leaving out the class
+    that holds the input embedding (TextJepaEmbeddings / RobertaEmbeddings): accelerate (1.15) gives
+    the input embedding its own unit after the policy's, and an embedding inside an already sharded
+    module fails in fully_shard. A config that names the classes is used as it is."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None) if _is_sharded(accelerator) else None
+    if plugin is None or plugin.transformer_cls_names_to_wrap is not None:
+        return
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy).__name__ != "transformer_auto_wrap_policy":
+        return
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {type(m).__name__ for m in model.modules()
+               if embedding is not None and any(sub is embedding for sub in m.modules())}
+    plugin.transformer_cls_names_to_wrap = [name for name in (model._no_split_modules or []) if name not in holders]
+
+
 def _update_teacher(accelerator, model, momentum: float) -> None:
+    """EMA step of the teacher, on every process. The teacher is a full fp32 copy on each process
+    (never prepared). FSDP2: update_teacher all-gathers the student's DTensor shards one parameter at
+    a time. FSDP1 (not tested: it needs GPUs): inside summon_full_params the student is whole."""
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type.name == "FSDP":  # untested here (no GPUs): full student params needed
+    if _is_sharded(accelerator) and not getattr(accelerator, "is_fsdp2", False):
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         with FSDP.summon_full_params(model, writeback=False):
@@ -336,6 +406,9 @@ def _train(recipe, resume, model, announce, cleanup):
         torch.set_num_threads(train_cfg.threads)
     accelerator = make_accelerator(recipe)
     say = announce if accelerator.is_main_process else (lambda *a, **k: None)
+    conflict = precision_conflict(recipe)
+    if conflict:
+        say(conflict)
     _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
     output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
     set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
@@ -348,6 +421,12 @@ def _train(recipe, resume, model, announce, cleanup):
     model.to(accelerator.device)
     model.train()
     optimizer = build_optimizer(model, recipe, accelerator.device)
+    if recipe.objective == "jepa":
+        model.teacher  # the EMA teacher: a copy of the full student, made before FSDP could shard it
+    if _is_sharded(accelerator) and recipe.objective == "mlm":
+        raise RuntimeError("objective mlm under FSDP is not supported: accelerate (1.15) puts RoBERTa's tied "
+                           "lm_head bias into two FSDP2 groups; train the MLM baseline with DDP")
+    _set_fsdp_wrap_classes(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
@@ -355,7 +434,7 @@ def _train(recipe, resume, model, announce, cleanup):
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
     say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, {data.num_train_blocks} train "
         f"blocks of {recipe.data.block_size} tokens, {train_cfg.max_steps} steps x {data.tokens_per_step} tokens "
-        f"({accelerator.num_processes} process(es), {accelerator.device}, precision {train_cfg.mixed_precision}); "
+        f"({accelerator.num_processes} process(es){', FSDP' if _is_sharded(accelerator) else ''}, {accelerator.device}, precision {accelerator.mixed_precision}); "
         f"setup {time.perf_counter() - setup_start:.1f}s")
 
     batches = iter(micro_batch_loader(data, recipe, state.step, accelerator.device))  # from the last step on
@@ -396,7 +475,7 @@ def _train(recipe, resume, model, announce, cleanup):
                                    guard_active=recipe.objective == "jepa" and state.step > guard_after,
                                    min_std=log_cfg.min_std, min_rank=log_cfg.min_rank)
         is_save_step = state.step % train_cfg.save_every == 0 and state.step < train_cfg.max_steps
-        if not stop_reason and (is_save_step or session_ends) and not _weights_finite(unwrapped):
+        if not stop_reason and (is_save_step or session_ends) and not _weights_finite(accelerator, unwrapped):
             # a finite loss computed before the update does not prove the updated weights finite
             stop_reason = f"step {state.step}: the weights hold NaN/Inf after the optimizer step; stopping"
         if stop_reason:
@@ -417,11 +496,15 @@ def _train(recipe, resume, model, announce, cleanup):
     last_checkpoint = _save_last(accelerator, model, output_dir, state, recipe, data.tokenizer, stop_reason, say)
     summary = {"objective": recipe.objective, "steps": state.step, "max_steps": train_cfg.max_steps,
                "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "end_reason": end_reason,
-               "checkpoint": str(last_checkpoint), "parameters": n_params, "final_metrics": state.last_metrics,
+               "checkpoint": str(last_checkpoint), "parameters": n_params, "mixed_precision": accelerator.mixed_precision,
+               "final_metrics": state.last_metrics,
                "first_metrics": recorder.history[0] if recorder.history else None,
                "tokens_per_s_mean": _mean_throughput(recorder.history)}
     if accelerator.is_main_process:
-        _finish_run(unwrapped, recipe, data.tokenizer, state, output_dir, recorder.metrics_log, summary)
+        # under FSDP the student is sharded over the processes: export from the checkpoint just saved,
+        # which holds the full student (model.safetensors) and the teacher
+        exported = _checkpoint_model(last_checkpoint) if _is_sharded(accelerator) and train_cfg.export else unwrapped
+        _finish_run(exported, recipe, data.tokenizer, state, output_dir, recorder.metrics_log, summary)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
@@ -432,7 +515,7 @@ def _save_last(accelerator, model, output_dir: Path, state: TrainerState, recipe
     (a NaN/Inf state goes to checkpoint-<step>-diverged)."""
     unwrapped = accelerator.unwrap_model(model)
     diverged_stop = bool(stop_reason) and (not math.isfinite(state.last_metrics.get("loss", 0.0))
-                                           or not _weights_finite(unwrapped))
+                                           or not _weights_finite(accelerator, unwrapped))
     last_checkpoint = save_checkpoint(accelerator, model, output_dir, state, recipe, tokenizer, diverged=diverged_stop)
     if stop_reason:
         if diverged_stop:
@@ -443,6 +526,12 @@ def _save_last(accelerator, model, output_dir: Path, state: TrainerState, recipe
         accelerator.end_training()
         raise TrainingStopped(stop_reason, last_checkpoint)
     return last_checkpoint
+
+
+def _checkpoint_model(checkpoint: Path):
+    from .export import load_checkpoint_model
+
+    return load_checkpoint_model(checkpoint)[1]
 
 
 def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_log, summary: dict) -> None:

@@ -135,7 +135,10 @@ class TrainSection:
     batch_size: int = 32
     grad_accum: int = 1
     seed: int = 0
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = "no"  # null: from the accelerate config
+    # null: what `accelerate launch` was given (its config file / --mixed_precision, i.e. the
+    # ACCELERATE_MIXED_PRECISION it sets; "no" = fp32 without a launcher). A value here wins over the
+    # launcher's, and the run says so in one line when they differ (loop.resolve_precision).
+    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
     cpu: bool = False
     threads: Optional[int] = None
     save_every: int = 500
