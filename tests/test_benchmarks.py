@@ -22,6 +22,30 @@ def test_throughput_smoke(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert rows and rows[0]["ratio_vs_mlm"] > 0 and rows[0]["textjepa_mfu"] > 0
     assert "| h256L4" in capsys.readouterr().out
+    assert rows[0]["device"] == "cpu" and rows[0]["flop_ratio"] > 1 and "textjepa_peak_mem_gb" not in rows[0]
+
+
+def test_throughput_flops_and_device_helpers():
+    import throughput
+
+    # the last-layer shortcut: all queries = the full formula; fewer queries = fewer FLOPs
+    full = throughput.encoder_forward_flops(2, 40, 64, 3, 256)
+    assert throughput.encoder_forward_flops(2, 40, 64, 3, 256, last_queries=40) == full
+    assert throughput.encoder_forward_flops(2, 40, 64, 3, 256, last_queries=10) < full
+    assert throughput.encoder_forward_flops(2, 40, 64, 0, 256, last_queries=10) == 0
+    # datasheet peaks: the specific names win over the generic ones
+    table = dict(throughput.SPEC_BF16_TFLOPS)
+    lookup = lambda name: next(t for key, t in throughput.SPEC_BF16_TFLOPS if key in name)  # noqa: E731
+    assert lookup("NVIDIA H100 80GB HBM3") == table["H100"] == 989.0
+    assert lookup("NVIDIA H100 PCIe") == 756.0 and lookup("NVIDIA H200") == 989.0
+    assert lookup("NVIDIA L40S") == 362.0 and lookup("NVIDIA L4") == 121.0 and lookup("NVIDIA A10G") == 70.0
+    assert throughput.spec_bf16_tflops("cpu") == (None, None)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert throughput.resolve_device("auto").type == "cpu"
+        with pytest.raises(SystemExit, match="no GPU"):
+            throughput.resolve_device("cuda")
 
 
 @pytest.mark.slow
