@@ -402,3 +402,16 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
         assert ddp_lrs[step] == single_lrs[step]  # the schedule advances once per step, not per process
     state = json.loads((tmp_path / "ddp" / "checkpoint-00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["tokens_seen"] == 6 * 8 * 32
+
+
+def test_tf32_only_on_cuda_and_restored():
+    import contextlib
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with contextlib.ExitStack() as cleanup:
+        loop._allow_tf32(torch.device("cpu"), cleanup)  # the CPU: nothing changes
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with contextlib.ExitStack() as cleanup:  # the flags alone (no GPU needed to set them)
+        loop._allow_tf32(torch.device("cuda"), cleanup)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
