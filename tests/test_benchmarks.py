@@ -156,3 +156,36 @@ def test_finetune_benchmark_smoke(tmp_path, capsys):
     capsys.readouterr()
     finetune.main(argv)  # a second call reuses every finished run
     assert "textjepa.evaluation.glue" not in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU check's steps, tiny and on the CPU (environment,
+    throughput table, a 2-step pretraining of recipes/small.yaml, its export packed in parts)."""
+    import os
+    import subprocess
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "pretrain"
+    corpus.mkdir()
+    words = "the whale sea ship captain harpoon crew deck wind storm night day sail boat".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 9)) for i in range(300)]
+    pq.write_table(pa.table({"text": docs}), corpus / "tiny.parquet")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(corpus), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "gpu_check.log").read_text()
+    assert "FAILED" not in log and "| h256L4 | 512 | bf16 |" in log and "pretraining: 2 steps" in log
+    assert json.loads((out / "throughput.json").read_text())["rows"][0]["flop_ratio"] > 0
+    parts = sorted(out.glob("small4min.tar.gz.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
+    assert "small4min/export/model.safetensors" in names and "small4min/summary.json" in names
