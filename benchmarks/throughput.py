@@ -2,6 +2,8 @@
 
     python benchmarks/throughput.py --quick                        # ~1-2 min: h256 L4, vocab 8192 (issue 2)
     python benchmarks/throughput.py --json throughput.json         # full table (issue 6), tens of minutes
+    python benchmarks/throughput.py --device cuda --configs h768L12 --vocabs 30522 --precisions bf16 \
+        --batch 32 --seq 512 --rounds 5 --steps 5                  # base size on a GPU (benchmarks/gpu_check.sh)
 
 What one step is (both models, same batch B x L, same fused AdamW, same precision/attention):
   textjepa: teacher forward (full sequence, no grad) + student forward on the visible tokens +
@@ -26,11 +28,24 @@ not counted; backward = 2 x forward, so a trained part costs 3 x its forward):
   textjepa = 1 x encoder(B, L)                                  teacher, forward only
            + 3 x encoder(B*K, Nc)                               student on visible tokens
            + 3 x [2 B K Nc H Hp                                 predictor input projection
-                  + encoder_p(B*K, Nc + Nt)                     predictor layers (width Hp, FFN Fp)
+                  + encoder_p(B*K, Nc + Nt, last layer: Nt queries) predictor layers (width Hp, FFN Fp);
+                                                                the last layer computes the Nt mask tokens'
+                                                                outputs only (Q, output, MLP on Nt rows; K, V
+                                                                on all Nc + Nt; scores Nt x (Nc + Nt))
                   + 2 B K Nt Hp H]                              output projection, targets only
   mlm      = 3 x [encoder(B, L) + 2 B L (H^2 + H V)]            RoBERTa LM head on every token
+(The teacher runs every token through its last layer too: the default sentence target reads them all.)
+"flop ratio" = mlm / textjepa FLOPs per step: the tokens/s ratio that equal MFU would give.
 MFU = model FLOPs / step seconds / peak, where the peak is a large torch.mm measured in the same
 rounds: fp32 steps against the fp32 peak, bf16-autocast steps against the bf16 peak.
+
+--device cuda: models, optimizer state and batches live on the GPU; every timed region starts and ends
+with torch.cuda.synchronize(); autocast runs with device_type "cuda"; TF32 matmuls are allowed (the
+trainer allows them too), so the fp32 rows and the fp32 peak are TF32 figures; the matmul peak is a
+8192^3 torch.mm on the GPU. bf16 rows also get "MFU (spec)": against the card's dense bf16 datasheet
+peak (SPEC_BF16_TFLOPS, keyed on torch.cuda.get_device_name()), beside the measured-peak MFU. Peak
+memory per variant = its persistent state (weights, EMA teacher, optimizer moments) + the largest
+growth of torch.cuda.max_memory_allocated during its steps, i.e. what the variant alone would need.
 """
 
 import argparse
@@ -56,6 +71,13 @@ CONFIGS = {
     "h512L8": (512, 8, 8, 2048),
     "h768L12": (768, 12, 12, 3072),  # base size, for a GPU
 }
+# Dense bf16 tensor-core peaks from the datasheets, TFLOP/s (no sparsity), matched in this order as
+# substrings of torch.cuda.get_device_name(): the first hit wins, so the specific names come first.
+SPEC_BF16_TFLOPS = (
+    ("GH200", 989.0), ("H200 NVL", 835.0), ("H200", 989.0),  # H200 SXM: the tensor cores of H100 SXM
+    ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" = SXM
+    ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0),
+)
 MASK_TOKEN_ID = 4  # RoBERTa-like tokenizers: <s>=0 <pad>=1 </s>=2 <unk>=3 <mask>=4
 PAD_TOKEN_ID = 1
 
@@ -65,18 +87,19 @@ PAD_TOKEN_ID = 1
 # ----------------------------------------------------------------------------------------------
 
 
-def make_jepa_batches(vocab, batch, length, count, seed=0):
-    """count batches of (input_ids (B, L), context_idx (B, 1, Nc), target_idx (B, 1, Nt)), default masks."""
+def make_jepa_batches(vocab, batch, length, count, seed=0, device="cpu"):
+    """count batches of (input_ids (B, L), context_idx (B, 1, Nc), target_idx (B, 1, Nt)), default masks,
+    built on the CPU (the same numbers for every device) and then moved to `device`."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(count):
         ids = torch.randint(5, vocab, (batch, length), generator=generator)
         out = SpanMaskCollator(MaskingConfig(), seed=seed + i)([{"input_ids": row} for row in ids])
-        batches.append((out["input_ids"], out["context_idx"], out["target_idx"]))
+        batches.append(tuple(out[k].to(device) for k in ("input_ids", "context_idx", "target_idx")))
     return batches
 
 
-def make_mlm_batches(vocab, batch, length, count, ratio=0.15, seed=0):
+def make_mlm_batches(vocab, batch, length, count, ratio=0.15, seed=0, device="cpu"):
     """count batches of (masked input_ids (B, L), labels (B, L) with -100 outside the 15%)."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -86,7 +109,7 @@ def make_mlm_batches(vocab, batch, length, count, ratio=0.15, seed=0):
         positions = torch.rand(batch, length, generator=generator).argsort(dim=1)[:, :num_masked]
         is_masked = torch.zeros(batch, length, dtype=torch.bool).scatter_(1, positions, True)
         labels = torch.where(is_masked, ids, torch.full_like(ids, -100))
-        batches.append((ids.masked_fill(is_masked, MASK_TOKEN_ID), labels))
+        batches.append((ids.masked_fill(is_masked, MASK_TOKEN_ID).to(device), labels.to(device)))
     return batches
 
 
@@ -100,7 +123,7 @@ def adamw(model):
     return build.adamw(model.parameters(), lr=1e-4, weight_decay=0.01)
 
 
-def build_jepa(size, vocab, attn, length):
+def build_jepa(size, vocab, attn, length, device="cpu"):
     hidden, layers, heads, ffn = CONFIGS[size]
     config = TextJepaConfig(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -109,26 +132,38 @@ def build_jepa(size, vocab, attn, length):
     )
     model = TextJepaForPreTraining(config).train()
     model.teacher  # create the EMA teacher now, not inside the first timed step
+    model.to(device)  # the teacher follows (TextJepaForPreTraining._apply)
     return model, adamw(model)
 
 
-def build_mlm(size, vocab, attn, length, hf_defaults=False):
+def build_mlm(size, vocab, attn, length, hf_defaults=False, device="cpu"):
     hidden, layers, heads, ffn = CONFIGS[size]
     kwargs = {}
     if not hf_defaults:  # equal settings: no dropout, the same attention kernel as textjepa
         kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation=attn)
     config = build.roberta_config(vocab, hidden, layers, heads, ffn, max(512, length), PAD_TOKEN_ID, 0, 2, **kwargs)
-    model = RobertaForMaskedLM(config).train()
+    model = RobertaForMaskedLM(config).train().to(device)
     return model, adamw(model)
 
 
-def autocast(precision):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+def autocast(precision, device_type="cpu"):
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def device_type(batch):
+    """"cpu" or "cuda": where the step's tensors live (autocast needs the device type)."""
+    return batch[0].device.type
+
+
+def synchronize(device):
+    """Wait for the GPU's queued work (a no-op on the CPU): closes every timed region on CUDA."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def jepa_step(model, optimizer, batch, precision):
     input_ids, context_idx, target_idx = batch
-    with autocast(precision):
+    with autocast(precision, device_type(batch)):
         loss = model(input_ids, context_idx, target_idx).loss
     loss.backward()
     optimizer.step()
@@ -138,11 +173,20 @@ def jepa_step(model, optimizer, batch, precision):
 
 def mlm_step(model, optimizer, batch, precision):
     input_ids, labels = batch
-    with autocast(precision):
+    with autocast(precision, device_type(batch)):
         loss = model(input_ids=input_ids, labels=labels).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+
+
+def state_bytes(model, optimizer):
+    """Bytes of what a variant keeps between steps: weights, buffers, the EMA teacher, optimizer state."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if getattr(model, "_teacher", None) is not None:
+        tensors += list(model._teacher.state_dict().values())
+    tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,9 +194,17 @@ def mlm_step(model, optimizer, batch, precision):
 # ----------------------------------------------------------------------------------------------
 
 
-def encoder_forward_flops(rows, tokens, hidden, layers, ffn):
+def encoder_forward_flops(rows, tokens, hidden, layers, ffn, last_queries=None):
+    """Forward FLOPs of `layers` encoder layers on rows x tokens; last_queries: the last layer computes
+    only that many tokens' outputs (queries, attention output, MLP), keys and values still from all."""
     per_layer_weights = 4 * hidden * hidden + 2 * hidden * ffn
-    return 2 * rows * tokens * layers * per_layer_weights + 4 * rows * tokens * tokens * hidden * layers
+    full = 2 * rows * tokens * per_layer_weights + 4 * rows * tokens * tokens * hidden
+    if last_queries is None or layers == 0:
+        return layers * full
+    q = last_queries
+    last = (2 * rows * (q * hidden * hidden + tokens * 2 * hidden * hidden + q * hidden * hidden + q * 2 * hidden * ffn)
+            + 4 * rows * q * tokens * hidden)
+    return (layers - 1) * full + last
 
 
 def jepa_step_flops(config, batch, length, num_masks, num_context, num_target):
@@ -163,7 +215,7 @@ def jepa_step_flops(config, batch, length, num_masks, num_context, num_target):
     predictor = (
         2 * rows * num_context * h * hp
         + encoder_forward_flops(rows, num_context + num_target, hp, config.predictor_num_hidden_layers,
-                                config.predictor_intermediate_size)
+                                config.predictor_intermediate_size, last_queries=num_target)
         + 2 * rows * num_target * hp * h
     )
     return teacher + 3 * student + 3 * predictor
@@ -176,17 +228,42 @@ def mlm_step_flops(config, batch, length):
     return 3 * (encoder + head)
 
 
-def matmul_seconds(dtype, size=2048, repeats=4):
-    """Seconds per (size x size) @ (size x size) torch.mm; the best of `repeats` after a warmup."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}  # big enough to reach each device's peak
+
+
+def matmul_seconds(dtype, size=2048, repeats=4, device="cpu"):
+    """Seconds per (size x size) @ (size x size) torch.mm; the best of `repeats` after a warmup. On CUDA
+    each repeat times 10 back-to-back products between two synchronize() calls (launch cost hidden)."""
+    a = torch.randn(size, size).to(device=device, dtype=dtype)
+    b = torch.randn(size, size).to(device=device, dtype=dtype)
     torch.mm(a, b)
+    inner = 10 if torch.device(device).type == "cuda" else 1
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(inner):
+            torch.mm(a, b)
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
     return best
+
+
+def spec_bf16_tflops(device):
+    """(device name, datasheet dense bf16 TFLOP/s or None) for a CUDA device; (None, None) on the CPU."""
+    if torch.device(device).type != "cuda":
+        return None, None
+    name = torch.cuda.get_device_name(device)
+    return name, next((tflops for key, tflops in SPEC_BF16_TFLOPS if key in name), None)
+
+
+def resolve_device(name):
+    """--device: "cpu", "cuda" (fails without a GPU) or "auto" (cuda when available)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("throughput.py: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,14 +273,16 @@ def matmul_seconds(dtype, size=2048, repeats=4):
 
 def run_group(size, vocab, precisions, args, log):
     """All variants of one (size, vocab): models built once, rounds interleave every variant."""
-    batch, length = args.batch, args.seq
-    jepa, jepa_opt = build_jepa(size, vocab, args.attn, length)
-    mlm, mlm_opt = build_mlm(size, vocab, args.attn, length)
-    variants = [("textjepa", jepa, jepa_opt, jepa_step, make_jepa_batches(vocab, batch, length, 3))]
-    mlm_batches = make_mlm_batches(vocab, batch, length, 3)
+    batch, length, device = args.batch, args.seq, args.device
+    on_cuda = device.type == "cuda"
+    matmul_size = MATMUL_SIZE[device.type]
+    jepa, jepa_opt = build_jepa(size, vocab, args.attn, length, device)
+    mlm, mlm_opt = build_mlm(size, vocab, args.attn, length, device=device)
+    variants = [("textjepa", jepa, jepa_opt, jepa_step, make_jepa_batches(vocab, batch, length, 3, device=device))]
+    mlm_batches = make_mlm_batches(vocab, batch, length, 3, device=device)
     variants.append(("mlm", mlm, mlm_opt, mlm_step, mlm_batches))
     if not args.no_hf_default:
-        mlm_hf, mlm_hf_opt = build_mlm(size, vocab, args.attn, length, hf_defaults=True)
+        mlm_hf, mlm_hf_opt = build_mlm(size, vocab, args.attn, length, hf_defaults=True, device=device)
         variants.append(("mlm-hf", mlm_hf, mlm_hf_opt, mlm_step, mlm_batches))
     hf_attn = variants[-1][1].config._attn_implementation
 
@@ -212,35 +291,49 @@ def run_group(size, vocab, precisions, args, log):
         for precision in precisions:
             for i in range(args.warmup):
                 step(model, optimizer, batches[i % len(batches)], precision)
+    synchronize(device)
 
     times = {(name, p): [] for name, *_ in variants for p in precisions}
     peak_times = {p: [] for p in precisions}
+    memory = {(name, p): 0 for name, *_ in variants for p in precisions}  # bytes, CUDA only
     counter = 0
     for round_index in range(args.rounds):
         for precision in precisions:
-            peak_times[precision].append(matmul_seconds(torch.float32 if precision == "fp32" else torch.bfloat16))
+            dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+            peak_times[precision].append(matmul_seconds(dtype, matmul_size, device=device))
             for name, model, optimizer, step, batches in variants:
+                if on_cuda:
+                    synchronize(device)
+                    torch.cuda.reset_peak_memory_stats(device)
+                    resident = torch.cuda.memory_allocated(device)
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step(model, optimizer, batches[counter % len(batches)], precision)
                     counter += 1
+                synchronize(device)
                 times[(name, precision)].append((time.perf_counter() - start) / args.steps)
+                if on_cuda:  # what this variant alone needs: its state + its steps' transient growth
+                    growth = torch.cuda.max_memory_allocated(device) - resident
+                    memory[(name, precision)] = max(memory[(name, precision)], state_bytes(model, optimizer) + growth)
         log(f"  {size} v{vocab} round {round_index + 1}/{args.rounds}: "
             + ", ".join(f"{n}/{p} {statistics.median(t) * 1e3:.0f} ms" for (n, p), t in times.items()))
 
     _, context_idx, target_idx = variants[0][4][0]
     jepa_flops = jepa_step_flops(jepa.config, batch, length, *context_idx.shape[1:], target_idx.shape[2])
     mlm_flops = mlm_step_flops(mlm.config, batch, length)
+    device_name, spec_tflops = spec_bf16_tflops(device)
+    matmul_flops = 2 * matmul_size**3
     rows = []
     for precision in precisions:
-        peak = 2 * 2048**3 / statistics.median(peak_times[precision])  # FLOP/s
+        peak = matmul_flops / statistics.median(peak_times[precision])  # FLOP/s
         seconds = {name: statistics.median(times[(name, precision)]) for name, *_ in variants}
         row = {
             "config": size, "vocab": vocab, "precision": precision, "attn": args.attn, "hf_default_attn": hf_attn,
-            "batch": batch, "seq": length, "rounds": args.rounds, "steps_per_round": args.steps,
+            "device": device.type, "batch": batch, "seq": length, "rounds": args.rounds, "steps_per_round": args.steps,
             "num_context": int(context_idx.shape[2]), "num_target": int(target_idx.shape[2]),
-            "peak_gflops": peak / 1e9,
+            "peak_gflops": peak / 1e9, "matmul_size": matmul_size,
             "textjepa_gflop_per_step": jepa_flops / 1e9, "mlm_gflop_per_step": mlm_flops / 1e9,
+            "flop_ratio": mlm_flops / jepa_flops,  # the tokens/s ratio at equal MFU
         }
         for name, secs in seconds.items():
             row[f"{name}_ms"] = secs * 1e3
@@ -249,6 +342,7 @@ def run_group(size, vocab, precisions, args, log):
         row["textjepa_mfu"] = jepa_flops / seconds["textjepa"] / peak
         row["mlm_mfu"] = mlm_flops / seconds["mlm"] / peak
         row["ratio_vs_mlm"] = seconds["mlm"] / seconds["textjepa"]
+        row["ratio_over_flop_ratio"] = row["ratio_vs_mlm"] / row["flop_ratio"]
         if "mlm-hf" in seconds:
             row["mlm-hf_mfu"] = mlm_flops / seconds["mlm-hf"] / peak
             row["ratio_vs_mlm_hf"] = seconds["mlm-hf"] / seconds["textjepa"]
@@ -256,7 +350,16 @@ def run_group(size, vocab, precisions, args, log):
         # each) is the least disturbed by other processes on a shared machine
         row["ratio_vs_mlm_per_round"] = [m / j for m, j in zip(times[("mlm", precision)], times[("textjepa", precision)])]
         row["ratio_vs_mlm_best"] = min(times[("mlm", precision)]) / min(times[("textjepa", precision)])
-        row["textjepa_mfu_best"] = jepa_flops / min(times[("textjepa", precision)]) / (2 * 2048**3 / min(peak_times[precision]))
+        row["textjepa_mfu_best"] = jepa_flops / min(times[("textjepa", precision)]) / (matmul_flops / min(peak_times[precision]))
+        if on_cuda:
+            row["device_name"] = device_name
+            for name, *_ in variants:
+                row[f"{name}_peak_mem_gb"] = memory[(name, precision)] / 2**30
+            if precision == "bf16" and spec_tflops:  # against the datasheet's dense bf16 peak
+                row["spec_bf16_tflops"] = spec_tflops
+                for name in seconds:
+                    flops = jepa_flops if name == "textjepa" else mlm_flops
+                    row[f"{name}_mfu_spec"] = flops / seconds[name] / (spec_tflops * 1e12)
         rows.append(row)
     return rows
 
@@ -266,7 +369,7 @@ def jepa_split_step(model, optimizer, batch, precision, clock):
     each closed by clock(phase) so the cost split can be read off."""
     input_ids, context_idx, target_idx = batch
     context_idx, target_idx = context_idx[:, 0], target_idx[:, 0]  # (B, Nc), (B, Nt)
-    with autocast(precision):
+    with autocast(precision, device_type(batch)):
         targets = model.compute_targets(input_ids, None, target_idx)  # (B, Nt, H)
         clock("teacher forward")
         context_states = model.textjepa(input_ids.gather(1, context_idx), position_ids=context_idx).last_hidden_state
@@ -286,7 +389,7 @@ def jepa_split_step(model, optimizer, batch, precision, clock):
 
 def mlm_split_step(model, optimizer, batch, precision, clock):
     input_ids, labels = batch
-    with autocast(precision):
+    with autocast(precision, device_type(batch)):
         loss = model(input_ids=input_ids, labels=labels).loss
     clock("forward (incl. LM head + CE)")
     loss.backward()
@@ -298,10 +401,11 @@ def mlm_split_step(model, optimizer, batch, precision, clock):
 
 def cost_split(size, vocab, precision, args, steps=6):
     """Median milliseconds per phase over `steps` steps of textjepa and of the equal-settings MLM."""
-    jepa, jepa_opt = build_jepa(size, vocab, args.attn, args.seq)
-    mlm, mlm_opt = build_mlm(size, vocab, args.attn, args.seq)
-    jepa_batches = make_jepa_batches(vocab, args.batch, args.seq, 2)
-    mlm_batches = make_mlm_batches(vocab, args.batch, args.seq, 2)
+    device = args.device
+    jepa, jepa_opt = build_jepa(size, vocab, args.attn, args.seq, device)
+    mlm, mlm_opt = build_mlm(size, vocab, args.attn, args.seq, device=device)
+    jepa_batches = make_jepa_batches(vocab, args.batch, args.seq, 2, device=device)
+    mlm_batches = make_mlm_batches(vocab, args.batch, args.seq, 2, device=device)
     variants = (
         ("textjepa", jepa, jepa_opt, jepa_split_step, jepa_batches),
         ("mlm", mlm, mlm_opt, mlm_split_step, mlm_batches),
@@ -309,9 +413,11 @@ def cost_split(size, vocab, precision, args, steps=6):
     phases = {name: {} for name, *_ in variants}
     for i in range(steps + 1):  # step 0 is warmup; the two models alternate step by step
         for name, model, optimizer, step, batches in variants:
+            synchronize(device)
             last = [time.perf_counter()]
 
             def clock(phase):
+                synchronize(device)  # on CUDA: the phase's kernels have run
                 now = time.perf_counter()
                 if i > 0:
                     phases[name].setdefault(phase, []).append(now - last[0])
@@ -333,27 +439,47 @@ def split_table(size, vocab, precision, split):
 
 
 def markdown_table(rows):
-    lines = [
-        "| config | vocab | prec | textjepa tok/s | MLM tok/s (equal) | ratio | ratio best-of | MLM-HF tok/s "
-        "| ratio vs HF | textjepa MFU | MLM MFU | peak GFLOP/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The main table; rows measured on a GPU add MFU against the datasheet peak and peak memory."""
+    gpu = any(r.get("device") == "cuda" for r in rows)
+    header = ("| config | vocab | prec | textjepa tok/s | MLM tok/s (equal) | ratio | FLOP ratio | ratio best-of "
+              "| MLM-HF tok/s | ratio vs HF | textjepa MFU | MLM MFU | peak GFLOP/s |")
+    if gpu:
+        header += " textjepa MFU (spec) | MLM MFU (spec) | spec TFLOP/s | textjepa mem GB | MLM mem GB |"
+    lines = [header, "|" + "---|" * header.count(" |")]
+
+    def percent(value):
+        return "-" if value is None else f"{100 * value:.0f}%"
+
     for r in rows:
         hf = (f"{r['mlm-hf_tokens_per_s']:.0f} | {r['ratio_vs_mlm_hf']:.2f}x" if "ratio_vs_mlm_hf" in r else "- | -")
-        lines.append(
+        line = (
             f"| {r['config']} | {r['vocab']} | {r['precision']} | {r['textjepa_tokens_per_s']:.0f} "
-            f"| {r['mlm_tokens_per_s']:.0f} | **{r['ratio_vs_mlm']:.2f}x** | {r['ratio_vs_mlm_best']:.2f}x | {hf} "
+            f"| {r['mlm_tokens_per_s']:.0f} | **{r['ratio_vs_mlm']:.2f}x** | {r['flop_ratio']:.2f}x "
+            f"| {r['ratio_vs_mlm_best']:.2f}x | {hf} "
             f"| {100 * r['textjepa_mfu']:.0f}% | {100 * r['mlm_mfu']:.0f}% | {r['peak_gflops']:.0f} |"
         )
+        if gpu:
+            spec = r.get("spec_bf16_tflops")
+            line += (f" {percent(r.get('textjepa_mfu_spec'))} | {percent(r.get('mlm_mfu_spec'))} "
+                     f"| {spec if spec else '-'} | {r.get('textjepa_peak_mem_gb', 0):.1f} "
+                     f"| {r.get('mlm_peak_mem_gb', 0):.1f} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
-def environment():
-    return {
+def environment(device=None):
+    env = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
         "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ld_preload": os.environ.get("LD_PRELOAD", ""),
     }
+    if device is not None and device.type == "cuda":
+        name, spec = spec_bf16_tflops(device)
+        env.update(device=name, cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   spec_bf16_tflops=spec, tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                   max_memory_allocated_gb=torch.cuda.max_memory_allocated(device) / 2**30,
+                   memory_total_gb=torch.cuda.get_device_properties(device).total_memory / 2**30)
+    return env
 
 
 def parse_args(argv=None):
@@ -361,7 +487,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="h256L4, vocab 8192, 2 rounds: a ~1-2 minute check")
     parser.add_argument("--configs", default="h256L4,h512L8", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--vocabs", default="30522,8192")
-    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (CPU autocast)")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (autocast)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where models and batches live (auto: cuda when available)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel, both models")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")
@@ -383,8 +511,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.device.type == "cuda":  # as the trainer does on CUDA: fp32 matmuls/convolutions on TF32 cores
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     precisions = args.precisions.split(",")
     unknown = [p for p in precisions if p not in ("fp32", "bf16")] + [
         c for c in args.configs.split(",") if c not in CONFIGS
@@ -401,7 +533,7 @@ def main(argv=None):
         print(split_table(size, vocab, precision, split))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"environment": environment(), "split": split, "of": args.split}, f, indent=1)
+                json.dump({"environment": environment(args.device), "split": split, "of": args.split}, f, indent=1)
         return 0
 
     rows = []
@@ -409,9 +541,12 @@ def main(argv=None):
     for size in args.configs.split(","):
         for vocab in (int(v) for v in args.vocabs.split(",")):
             rows.extend(run_group(size, vocab, precisions, args, log))
+            if args.device.type == "cuda":
+                torch.cuda.empty_cache()  # the group's models are gone: hand their blocks back
             table = markdown_table(rows)
-            env = environment() | {"seconds": time.time() - started, "argv": sys.argv[1:]}
-            footer = (f"batch {args.batch} x seq {args.seq}, attention {args.attn}, {env['threads']} threads, "
+            env = environment(args.device) | {"seconds": time.time() - started, "argv": sys.argv[1:]}
+            where = f"{env['device']} (CUDA {env['cuda']}), " if args.device.type == "cuda" else ""
+            footer = (f"{where}batch {args.batch} x seq {args.seq}, attention {args.attn}, {env['threads']} threads, "
                       f"torch {env['torch']}, {args.rounds} rounds x {args.steps} steps (median), "
                       f"{env['seconds']:.0f} s total")
             # written after every group, so a long run that is stopped keeps what it measured

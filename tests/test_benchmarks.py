@@ -22,6 +22,30 @@ def test_throughput_smoke(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert rows and rows[0]["ratio_vs_mlm"] > 0 and rows[0]["textjepa_mfu"] > 0
     assert "| h256L4" in capsys.readouterr().out
+    assert rows[0]["device"] == "cpu" and rows[0]["flop_ratio"] > 1 and "textjepa_peak_mem_gb" not in rows[0]
+
+
+def test_throughput_flops_and_device_helpers():
+    import throughput
+
+    # the last-layer shortcut: all queries = the full formula; fewer queries = fewer FLOPs
+    full = throughput.encoder_forward_flops(2, 40, 64, 3, 256)
+    assert throughput.encoder_forward_flops(2, 40, 64, 3, 256, last_queries=40) == full
+    assert throughput.encoder_forward_flops(2, 40, 64, 3, 256, last_queries=10) < full
+    assert throughput.encoder_forward_flops(2, 40, 64, 0, 256, last_queries=10) == 0
+    # datasheet peaks: the specific names win over the generic ones
+    table = dict(throughput.SPEC_BF16_TFLOPS)
+    lookup = lambda name: next(t for key, t in throughput.SPEC_BF16_TFLOPS if key in name)  # noqa: E731
+    assert lookup("NVIDIA H100 80GB HBM3") == table["H100"] == 989.0
+    assert lookup("NVIDIA H100 PCIe") == 756.0 and lookup("NVIDIA H200") == 989.0
+    assert lookup("NVIDIA L40S") == 362.0 and lookup("NVIDIA L4") == 121.0 and lookup("NVIDIA A10G") == 70.0
+    assert throughput.spec_bf16_tflops("cpu") == (None, None)
+    import torch
+
+    if not torch.cuda.is_available():
+        assert throughput.resolve_device("auto").type == "cpu"
+        with pytest.raises(SystemExit, match="no GPU"):
+            throughput.resolve_device("cuda")
 
 
 @pytest.mark.slow
@@ -132,3 +156,36 @@ def test_finetune_benchmark_smoke(tmp_path, capsys):
     capsys.readouterr()
     finetune.main(argv)  # a second call reuses every finished run
     assert "textjepa.evaluation.glue" not in capsys.readouterr().out
+
+
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh --dry-run: the GPU check's steps, tiny and on the CPU (environment,
+    throughput table, a 2-step pretraining of recipes/small.yaml, its export packed in parts)."""
+    import os
+    import subprocess
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corpus = tmp_path / "pretrain"
+    corpus.mkdir()
+    words = "the whale sea ship captain harpoon crew deck wind storm night day sail boat".split()
+    docs = [" ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 9)) for i in range(300)]
+    pq.write_table(pa.table({"text": docs}), corpus / "tiny.parquet")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), GPU_CHECK_WORK=str(tmp_path / "work"), PYTHON=sys.executable,
+               OMP_NUM_THREADS="1")
+    result = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(corpus), "--dry-run"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    log = (out / "gpu_check.log").read_text()
+    assert "FAILED" not in log and "| h256L4 | 512 | bf16 |" in log and "pretraining: 2 steps" in log
+    assert json.loads((out / "throughput.json").read_text())["rows"][0]["flop_ratio"] > 0
+    parts = sorted(out.glob("small4min.tar.gz.part-*"))
+    assert parts and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(packed) as tar:
+        names = tar.getnames()
+    assert "small4min/export/model.safetensors" in names and "small4min/summary.json" in names

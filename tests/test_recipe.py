@@ -71,11 +71,41 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert again == recipe
 
 
-@pytest.mark.parametrize("name", ["quickstart", "small"])
+@pytest.mark.parametrize("name", ["quickstart", "small", "base"])
 def test_shipped_recipes_parse(name):
     recipe = load_recipe(f"recipes/{name}.yaml")
     assert recipe.train.max_steps > recipe.optim.warmup_steps
     assert load_recipe(name) == recipe  # bare names resolve to the repository's recipes/
+
+
+def test_base_recipe_builds_a_base_size_model():
+    """recipes/base.yaml (for one GPU) parses and builds on the CPU: the encoder is BERT-base sized, the
+    predictor has the small recipe's width and depth ratios. (No step is run at this size on the CPU.)"""
+    from textjepa.training.build import build_model, build_optimizer
+
+    recipe = load_recipe("recipes/base.yaml")
+    small = load_recipe("recipes/small.yaml")
+    m = recipe.model
+    assert (m.hidden_size, m.num_hidden_layers, m.num_attention_heads, m.intermediate_size) == (768, 12, 12, 3072)
+    assert m.predictor_hidden_size / m.hidden_size == small.model.predictor_hidden_size / small.model.hidden_size
+    assert (m.predictor_num_hidden_layers / m.num_hidden_layers
+            == small.model.predictor_num_hidden_layers / small.model.num_hidden_layers)
+    assert recipe.data.block_size == 512 and recipe.data.vocab_size == 32000 and m.attn_implementation == "sdpa"
+    assert recipe.train.mixed_precision == "bf16"
+
+    class Tokenizer:  # what build_model reads of a tokenizer: its length and special ids
+        pad_token_id, bos_token_id, eos_token_id = 1, 0, 2
+
+        def __len__(self):
+            return recipe.data.vocab_size
+
+    model = build_model(recipe, Tokenizer())
+    config = model.config
+    assert config.vocab_size == 32000 and config.max_position_embeddings == 512
+    assert config._attn_implementation == "sdpa" and config.predictor_intermediate_size == 4 * 384
+    trainable = sum(p.numel() for p in model.parameters())
+    assert 120e6 < trainable < 130e6  # encoder ~110 M (24.6 M of them embeddings) + predictor and heads
+    assert len(build_optimizer(model, recipe, torch.device("cpu")).param_groups) == 2
 
 
 def test_missing_recipe_file():

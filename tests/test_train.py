@@ -423,3 +423,44 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
         assert ddp_lrs[step] == single_lrs[step]  # the schedule advances once per step, not per process
     state = json.loads((tmp_path / "ddp" / "checkpoint-00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["tokens_seen"] == 6 * 8 * 32
+
+
+def test_tf32_only_on_cuda_and_restored():
+    import contextlib
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    with contextlib.ExitStack() as cleanup:
+        loop._allow_tf32(torch.device("cpu"), cleanup)  # the CPU: nothing changes
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+    with contextlib.ExitStack() as cleanup:  # the flags alone (no GPU needed to set them)
+        loop._allow_tf32(torch.device("cuda"), cleanup)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+
+
+@pytest.mark.parametrize("objective", ["jepa", "mlm"])
+def test_micro_batches_do_not_depend_on_loader_workers(objective):
+    """data.num_workers (recipes/base.yaml uses 4) must not change any micro-batch: each block's mask
+    comes from its own seed, also for the first block a worker builds."""
+    import datasets
+
+    from textjepa.data import load_tokenizer
+    from textjepa.training.batches import (SHIPPED_TOKENIZER, JepaBatchMaker, MicroBatches, MlmBatchMaker,
+                                           TrainingData, masking_config, micro_batch_loader)
+
+    recipe = parse_recipe({"objective": objective, "train": {"max_steps": 6, "batch_size": 4},
+                           "mask": {"num_views": 2}})
+    tokenizer = load_tokenizer(SHIPPED_TOKENIZER)
+    ids = np.random.default_rng(0).integers(5, len(tokenizer), (64, 64))
+    blocks = datasets.Dataset.from_dict({"input_ids": ids.tolist()}).with_format("numpy")
+    make = (JepaBatchMaker(masking_config(recipe, tokenizer)) if objective == "jepa"
+            else MlmBatchMaker(tokenizer, recipe.mask.mlm_probability))
+    data = TrainingData(tokenizer, MicroBatches(blocks, 4, 1, 0, 1, 0, make), None, 64, 256)
+    loaded = {}
+    for workers in (2, 0):  # the worker run first: forked workers must not inherit a used collator state
+        recipe.data.num_workers = workers
+        loaded[workers] = list(micro_batch_loader(data, recipe, 2, torch.device("cpu")))
+    assert len(loaded[0]) == len(loaded[2]) == 4
+    for with_workers, without in zip(loaded[2], loaded[0]):
+        assert with_workers.keys() == without.keys()
+        assert all(torch.equal(with_workers[k], without[k]) for k in without)

@@ -121,6 +121,11 @@ class JepaBatchMaker:
         self.collator = SpanMaskCollator(masking_config)
 
     def __call__(self, ids: np.ndarray, seeds: list[tuple]) -> dict:
+        # In a DataLoader worker the collator would reseed itself per worker on its first call (its own
+        # stream for plain use), overriding the first block's seed: mark this worker as seen, so masks
+        # never depend on data.num_workers.
+        info = torch.utils.data.get_worker_info()
+        self.collator._worker_key = None if info is None else (info.id, info.seed)
         parts = []
         for row, seed in zip(ids, seeds):
             self.collator.rng = np.random.default_rng(seed)  # this block's own mask stream

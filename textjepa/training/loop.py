@@ -107,6 +107,22 @@ def make_accelerator(recipe):
     )
 
 
+def _allow_tf32(device, cleanup) -> None:
+    """On CUDA, fp32 matmuls and convolutions (the fp32 parts under bf16 autocast, the fp32 EMA teacher,
+    runs without autocast) use TF32 tensor cores; the previous flags come back when the run ends.
+    On the CPU nothing changes."""
+    if device.type != "cuda":
+        return
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+    def restore():
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+    cleanup.callback(restore)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+
 def _reset_accelerate_state():
     """Let a later train() in the same Python process pick another precision / accumulation."""
     from accelerate.state import AcceleratorState, GradientState
@@ -313,6 +329,7 @@ def _optimizer_step(accelerator, model, optimizer, batches, recipe, step: int):
     grad_accum, grad_clip = recipe.train.grad_accum, recipe.optim.grad_clip
     sums, grad_norm = {}, None
     for _ in range(grad_accum):
+        # on CUDA the loader pins host memory (micro_batch_loader), so these copies run asynchronously
         batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in next(batches).items()}
         with accelerator.accumulate(model):
             out = model(**batch)
@@ -405,6 +422,7 @@ def _train(recipe, resume, model, announce, cleanup):
     if train_cfg.threads:
         torch.set_num_threads(train_cfg.threads)
     accelerator = make_accelerator(recipe)
+    _allow_tf32(accelerator.device, cleanup)
     say = announce if accelerator.is_main_process else (lambda *a, **k: None)
     conflict = precision_conflict(recipe)
     if conflict:
