@@ -414,39 +414,52 @@ class _MetricsRecorder:
                                    if metrics.get(k) is not None}, refresh=False)
 
 
-def _train(recipe, resume, model, announce, cleanup):
-    from accelerate.utils import set_seed
-
+def _start_accelerator(recipe, announce, cleanup):
+    """The Accelerator of this run (threads, TF32 on CUDA, the launcher's or the recipe's precision) and
+    `say`, which prints on the main process only. -> (accelerator, say)"""
     die_with_launcher()
-    train_cfg, log_cfg = recipe.train, recipe.log
-    if train_cfg.threads:
-        torch.set_num_threads(train_cfg.threads)
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
     accelerator = make_accelerator(recipe)
     _allow_tf32(accelerator.device, cleanup)
     say = announce if accelerator.is_main_process else (lambda *a, **k: None)
     conflict = precision_conflict(recipe)
     if conflict:
         say(conflict)
-    _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
-    output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
-    set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
+    return accelerator, say
 
-    setup_start = time.perf_counter()
-    data = training_data(recipe, accelerator, output_dir)
-    # ---- model, optimizer (the teacher stays outside prepare)
+
+def _prepare_model(recipe, data, accelerator, model=None):
+    """Build (or take) the model and its optimizer, make the JEPA's EMA teacher from the full student
+    (before FSDP could shard it; the teacher stays outside prepare), then accelerate's prepare.
+    -> (prepared model, prepared optimizer, unwrapped model)"""
     if model is None:
         model = build_model(recipe, data.tokenizer)
     model.to(accelerator.device)
     model.train()
     optimizer = build_optimizer(model, recipe, accelerator.device)
     if recipe.objective == "jepa":
-        model.teacher  # the EMA teacher: a copy of the full student, made before FSDP could shard it
+        model.teacher  # the EMA teacher: a copy of the full student
     if _is_sharded(accelerator) and recipe.objective == "mlm":
         raise RuntimeError("objective mlm under FSDP is not supported: accelerate (1.15) puts RoBERTa's tied "
                            "lm_head bias into two FSDP2 groups; train the MLM baseline with DDP")
     _set_fsdp_wrap_classes(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unwrapped = accelerator.unwrap_model(model)
+    return model, optimizer, accelerator.unwrap_model(model)
+
+
+def _train(recipe, resume, model, announce, cleanup):
+    from accelerate.utils import set_seed
+
+    train_cfg, log_cfg = recipe.train, recipe.log
+    accelerator, say = _start_accelerator(recipe, announce, cleanup)
+    _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
+    output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
+    set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
+
+    setup_start = time.perf_counter()
+    data = training_data(recipe, accelerator, output_dir)
+    model, optimizer, unwrapped = _prepare_model(recipe, data, accelerator, model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
