@@ -292,6 +292,19 @@ def encoder_main(argv, description, add_arguments, evaluate, summary):
 
 
 # ---------------------------------------------------------------- shipped whitening
+def post_processed(encoder, texts, token_weights="none"):
+    """A copy of `encoder` (sharing its model and cache) with post-processing fitted on `texts`: with
+    token_weights="sif", SIF weights counted on them for the mean pooling; then whitening of its pooled
+    vectors, on top of whatever whitening the encoder already applies."""
+    import copy
+
+    fitted = copy.copy(encoder)
+    if token_weights == "sif":
+        fitted.token_weights = fit_sif_weights(encoder.tokenizer, texts)
+    fitted.whitening = encoder.whitening + [fit_whitening(fitted.encode(texts, normalize=False))]
+    return fitted
+
+
 def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
     """Fit the post-processing on up to max_docs unlabeled texts from `source` and save it in model_dir,
     so every SentenceEncoder (and the suite) uses it as part of the model: with token_weights="sif" the
@@ -302,11 +315,10 @@ def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
     for name in (WHITENING_FILE, TOKEN_WEIGHTS_FILE):
         if os.path.exists(os.path.join(str(model_dir), name)):
             os.remove(os.path.join(str(model_dir), name))
-    texts = read_unlabeled_texts(source, max_docs)
-    if token_weights == "sif":
-        save_token_weights(model_dir, fit_sif_weights(load_encoder(str(model_dir))[1], texts))
-    vectors = SentenceEncoder(str(model_dir)).encode(texts, normalize=False)
-    path = save_whitening(model_dir, *fit_whitening(vectors))
+    fitted = post_processed(SentenceEncoder(str(model_dir)), read_unlabeled_texts(source, max_docs), token_weights)
+    if fitted.token_weights is not None:
+        save_token_weights(model_dir, fitted.token_weights)
+    path = save_whitening(model_dir, *fitted.whitening[-1])
     from textjepa.evaluation.sentence_transformers_export import (
         has_sentence_transformers_layout,
         write_sentence_transformers_layout,

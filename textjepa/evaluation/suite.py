@@ -24,7 +24,6 @@ full results as JSON. `run_suite()` is the same thing as a function for benchmar
 """
 
 import argparse
-import copy
 import json
 import os
 import time
@@ -32,13 +31,13 @@ import time
 import numpy as np
 
 from textjepa.evaluation import baselines as lexical
-from textjepa.evaluation.embedding import SentenceEncoder
+from textjepa.evaluation.embedding import SentenceEncoder, post_processed
 from textjepa.evaluation.glue import linear_probe
 from textjepa.evaluation.metrics import interval, with_intervals
 from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, subsample_corpus, validation_test_qrels
 from textjepa.evaluation.sts import evaluate_sts_task
 from textjepa.evaluation.tasks import EXTENSIONS, load_task_dir
-from textjepa.evaluation.whitening import TOKEN_WEIGHTS, fit_sif_weights, fit_whitening, read_unlabeled_texts
+from textjepa.evaluation.whitening import TOKEN_WEIGHTS, read_unlabeled_texts
 
 SPLIT_CHOICES = {"validation": ("validation",), "test": ("test",), "both": ("validation", "test")}
 SKIP_DIRS = {"pretrain", "__pycache__", ".git"}
@@ -134,10 +133,7 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
         if whiten_texts:
             if show_progress:
                 print(f"[{model_name(model)}] whitening on {len(whiten_texts)} texts from {whiten_on}", flush=True)
-            whitened = copy.copy(encoder)  # shares the model and the cache of pooled vectors
-            if token_weights == "sif":  # SIF-weighted mean pooling, weights counted on the same texts
-                whitened.token_weights = fit_sif_weights(encoder.tokenizer, whiten_texts)
-            whitened.whitening = encoder.whitening + [fit_whitening(whitened.encode(whiten_texts, normalize=False))]
+            whitened = post_processed(encoder, whiten_texts, token_weights)  # shares the model and the cache
             whitened.name = f"{encoder.name} +{'sif+' if token_weights == 'sif' else ''}whitened"
             columns.append(whitened)
         for column in columns:
