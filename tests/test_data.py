@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from textjepa.data import (build_pretraining_datasets, check_block_size, load_text_dataset, load_tokenizer,
-                           separator_token_id)
+from textjepa.data import (apply_source_weights, build_pretraining_datasets, check_block_size, load_text_dataset,
+                           load_tokenizer, separator_token_id)
 from textjepa.masking import MaskingConfig, SpanMaskCollator
 from textjepa.tokenization import train_tokenizer
 
@@ -117,6 +117,36 @@ def test_validation_by_fraction_by_file_streaming_and_num_proc(corpus):
     stream_train, stream_valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK,
                                                             validation_fraction=0.2, streaming=True)
     assert len(list(stream_valid)) > 0 and len(list(stream_train)) > 3 * len(list(stream_valid))
+
+
+def test_source_weights_resample_training_documents_by_file(corpus):
+    root, docs, tokenizer = corpus
+    sources = [str(root / "a.txt"), str(root / "c.jsonl")]
+    tagged = load_text_dataset(sources, text_column="content", with_source=True)
+    assert tagged["source"] == ["a"] * 150 + ["c"] * 50 and tagged["text"] == docs[:150] + docs[200:250]
+    # whole weights: a dropped, c twice, in passes (every c document once, then again) so a copy never
+    # packs next to itself
+    twice = apply_source_weights(tagged, {"a": 0, "c": 2})
+    assert twice.column_names == ["text"] and twice["text"] == docs[200:250] * 2
+    # a fractional weight keeps that share on average, the same documents for the same seed
+    half = apply_source_weights(tagged, {"a": 0.5}, seed=3)
+    kept_a = [t for t in half["text"] if t in docs[:150]]
+    assert 50 <= len(kept_a) <= 100 and half["text"][-50:] == docs[200:250]
+    assert apply_source_weights(tagged, {"a": 0.5}, seed=3)["text"] == half["text"]
+    assert apply_source_weights(tagged, {"a": 0.5}, seed=4)["text"] != half["text"]
+    with pytest.raises(ValueError, match=r"data.weights: \['b'\] name no source file; the sources are \['a', 'c'\]"):
+        apply_source_weights(tagged, {"b": 2})
+    with pytest.raises(ValueError, match="keep no document"):
+        apply_source_weights(tagged, {"a": 0, "c": 0})
+    # through the pipeline: training blocks follow the weights, validation keeps the natural mixture
+    plain_train, plain_valid = build_pretraining_datasets(sources, tokenizer, BLOCK, text_column="content",
+                                                          validation_fraction=0.2, seed=0)
+    train, valid = build_pretraining_datasets(sources, tokenizer, BLOCK, text_column="content",
+                                              validation_fraction=0.2, seed=0, source_weights={"c": 3})
+    assert valid["input_ids"] == plain_valid["input_ids"]
+    assert len(plain_train) < len(train) < 3 * len(plain_train)
+    with pytest.raises(ValueError, match="data.weights: not supported with streaming"):
+        build_pretraining_datasets(sources, tokenizer, BLOCK, streaming=True, source_weights={"c": 3})
 
 
 def test_packed_blocks_collate_through_a_dataloader(corpus):

@@ -39,6 +39,10 @@ def test_defaults_and_typed_sections(tmp_path):
     ("mask:\n  target_ratio: 1.5\n", "mask.target_ratio: expected a number in (0, 1)"),
     ("- a\n- b\n", "expected a mapping of sections"),
     ("optim: [\n", "not valid YAML"),
+    ("data:\n  weights: [1, 2]\n", "data.weights: expected mapping of str to float or null, got [1, 2]"),
+    ("data:\n  weights: {sotu: x}\n", "data.weights.sotu: expected float, got 'x'"),
+    ("data:\n  weights: {sotu: -1}\n", "data.weights.sotu: expected a finite number >= 0, got -1.0"),
+    ("data:\n  weights: {sotu: 2}\n  packed_path: blocks\n", "data.weights: cannot reweight data.packed_path"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, expected):
     with pytest.raises(RecipeError) as err:

@@ -190,35 +190,40 @@ def _drop_empty(batch):
 
 
 def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streaming=False, cache_dir=None,
-                      encoding_errors=None, num_proc=None):
+                      encoding_errors=None, num_proc=None, with_source=False):
     """Load documents from local files and/or hub names into one dataset with a single "text" column.
 
     txt_mode: "paragraph" (blank-line separated blocks, the default), "line", or "document" (a file is one
     document). text_column names the column in jsonl/csv/parquet/hub data; it is renamed to "text".
     Empty or whitespace-only documents are dropped and counted (logged). Raises on missing files, unknown
     columns, non-UTF-8 .txt bytes (unless encoding_errors="replace"/"ignore") and corpora with no text.
+    with_source=True adds a "source" column: the file name without extension (a save_to_disk directory's
+    name, a hub dataset's name), which apply_source_weights reads.
     """
     import datasets
 
-    groups = {}  # builder -> list of files, in the order given
-    parts, names = [], []
+    groups = {}  # (builder, file or None) -> list of files, in the order given
+    parts, names, tags = [], [], []  # tags: each part's source name (with_source)
     for source in _as_list(sources):
         if _is_local(source):
             for f in _expand_local(source):
                 if is_saved_dataset(f):
                     parts.append(_load_saved_dataset(f, text_column, streaming))
                     names.append(f"save_to_disk dataset {f!r}")
+                    tags.append(source_name(f))
                     continue
                 ext = os.path.splitext(f)[1].lower()
                 if ext not in EXTENSION_BUILDERS:
                     raise ValueError(f"{f}: unsupported file type {ext!r}; expected one of {sorted(EXTENSION_BUILDERS)}")
-                groups.setdefault(EXTENSION_BUILDERS[ext], []).append(f)
+                # one group per builder; per file when each document must know its file
+                groups.setdefault((EXTENSION_BUILDERS[ext], f if with_source else None), []).append(f)
         else:
             name, _, config = source.partition(":")
             ds = datasets.load_dataset(name, config or None, split="train", streaming=streaming, cache_dir=cache_dir)
             parts.append(_select_text(ds, text_column, where=f"hub dataset {source!r}"))
             names.append(f"hub dataset {source!r}")
-    for builder, files in groups.items():
+            tags.append(source_name(source))
+    for (builder, _), files in groups.items():
         empty = [f for f in files if os.path.getsize(f) == 0]
         if empty:
             raise ValueError(f"{empty[0]}: the file is empty; expected {builder} data with a text column")
@@ -229,6 +234,7 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
             raise ValueError(f"{files[0] if len(files) == 1 else files}: cannot be read as {builder} data "
                              f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''})") from err
         names.append(f"{files[:3]}{' ...' if len(files) > 3 else ''}")
+        tags.append(source_name(files[0]))
 
     # every part's "text" must be a string column before concatenation (csv/json may infer numbers):
     # the numbers become documents, counted and reported
@@ -240,6 +246,10 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
                                "documents of their decimal text", name, non_null, len(part), text_column,
                                part.features["text"].dtype)
                 parts[i] = part.cast_column("text", datasets.Value("string"))
+    if with_source:
+        parts = [part.map(lambda batch, tag=tag: {"source": [tag] * len(batch["text"])}, batched=True,
+                          **({} if streaming else dict(desc=f"tagging {tag}")))
+                 for part, tag in zip(parts, tags)]
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
     if streaming:
@@ -255,6 +265,37 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
     if len(ds) < total:
         logger.warning("skipped %d empty documents of %d in %r", total - len(ds), total, sources)
     return ds
+
+
+def source_name(path):
+    """'../data/linux_doc_rst.parquet' -> 'linux_doc_rst' (the key of data.weights); hub 'user/set:cfg' -> 'set'."""
+    name = os.path.basename(os.path.normpath(path.partition(":")[0] if not os.path.exists(path) else path))
+    return os.path.splitext(name)[0]
+
+
+def apply_source_weights(docs, weights, seed=0):
+    """Resample documents by source: weight w keeps each document floor(w) times plus once more with
+    probability w - floor(w) (seeded); sources missing from `weights` keep weight 1. Copies go in passes
+    (every kept document once, then the second copies, ...) so a repeat never lands next to itself in a
+    packed block. docs: a Dataset with "text" and "source" (load_text_dataset(with_source=True));
+    returns it without the "source" column."""
+    sources = np.asarray(docs["source"])
+    names = sorted(set(sources.tolist()))
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"data.weights: {unknown} name no source file; the sources are {names}")
+    lookup = np.array([float(weights.get(name, 1.0)) for name in names])
+    weight = lookup[np.searchsorted(names, sources)]  # (N,) one weight per document
+    whole = np.floor(weight)
+    copies = whole.astype(np.int64) + (np.random.default_rng(seed).random(len(weight)) < weight - whole)
+    if copies.sum() == 0:
+        raise ValueError(f"data.weights: {weights} keep no document")
+    indices = np.concatenate([np.flatnonzero(copies > k) for k in range(int(copies.max()))])
+    for i, name in enumerate(names):
+        is_source = sources == name
+        logger.info("data.weights: %s x%g: %d -> %d documents", name, lookup[i], is_source.sum(),
+                    copies[is_source].sum())
+    return docs.select(indices).remove_columns("source")
 
 
 def load_tokenizer(path):
@@ -366,19 +407,24 @@ def pack_dataset(docs, tokenizer, block_size, num_proc=1, streaming=False, desc=
 
 def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text", validation_fraction=0.01,
                                validation_files=None, num_proc=1, cache_dir=None, streaming=False, seed=0,
-                               txt_mode="paragraph", encoding_errors=None):
+                               txt_mode="paragraph", encoding_errors=None, source_weights=None):
     """(train, valid): packed "input_ids" blocks of exactly block_size tokens.
 
     The validation split is held out at document level before packing, so no document straddles the
     splits: either the files in validation_files, or a validation_fraction of documents (a seeded random
     split; when streaming, every round(1/fraction)-th document). valid is None when the fraction is 0.
+    source_weights ({file name without extension: weight}) resamples the training documents after the split
+    (apply_source_weights); validation keeps the natural mixture.
     """
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     if not isinstance(block_size, int) or block_size < 2:
         raise ValueError(f"block_size must be an int >= 2, got {block_size!r}")
+    if source_weights is not None and streaming:
+        raise ValueError("data.weights: not supported with streaming yet; unset one of them")
     docs = load_text_dataset(sources, text_column=text_column, txt_mode=txt_mode, streaming=streaming,
-                             cache_dir=cache_dir, encoding_errors=encoding_errors, num_proc=num_proc)
+                             cache_dir=cache_dir, encoding_errors=encoding_errors, num_proc=num_proc,
+                             with_source=source_weights is not None)
     if validation_files:
         train_docs = docs
         valid_docs = load_text_dataset(validation_files, text_column=text_column, txt_mode=txt_mode,
@@ -398,6 +444,10 @@ def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text
     else:
         train_docs, valid_docs = docs, None
 
+    if source_weights is not None:
+        train_docs = apply_source_weights(train_docs, source_weights, seed)
+        if valid_docs is not None and "source" in valid_docs.column_names:
+            valid_docs = valid_docs.remove_columns("source")
     train = pack_dataset(train_docs, tokenizer, block_size, num_proc, streaming, desc="train: tokenize+pack")
     valid = None
     if valid_docs is not None:

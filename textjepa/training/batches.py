@@ -89,7 +89,7 @@ def load_blocks(recipe, tokenizer, output_dir: Path):
         train, valid = build_pretraining_datasets(
             _sources(recipe, output_dir), tokenizer, data.block_size, text_column=data.text_column,
             validation_fraction=data.validation_fraction, num_proc=data.num_proc, cache_dir=data.cache_dir,
-            seed=recipe.train.seed)
+            seed=recipe.train.seed, source_weights=data.weights)
     for name, ds in (("train", train), ("validation", valid)):
         if ds is None:
             continue

@@ -84,6 +84,10 @@ class DataSection:
     num_proc: int = 1
     cache_dir: Optional[str] = None
     num_workers: int = 0  # DataLoader workers building micro-batches (masks); 0 = in the training process
+    # sampling weight per source file, keyed by file name without extension ({linux_doc_rst: 0.3, sotu: 2});
+    # unlisted files weigh 1. A weight w keeps each training document floor(w) times plus once more with
+    # probability w - floor(w) (seeded), before packing; the validation split keeps the natural mixture.
+    weights: Optional[dict[str, float]] = None
 
 
 MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textjepa.masking.MaskingConfig (see the contract for meanings);
@@ -209,6 +213,9 @@ def _type_name(tp) -> str:
         return name + " or null" if len(args) < len(typing.get_args(tp)) else name
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        return f"mapping of {_type_name(key_tp)} to {_type_name(value_tp)}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -225,8 +232,9 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, where)
-            except RecipeError:
-                pass
+            except RecipeError as err:
+                if not str(err).startswith(f"{where}: "):
+                    raise  # the container matched and one of its items is wrong: name the item
     elif origin is Literal:
         if value in typing.get_args(tp):
             return value
@@ -234,6 +242,10 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, (list, tuple)):
             (item_tp,) = typing.get_args(tp)
             return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = typing.get_args(tp)
+            return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     elif tp is bool:
         if isinstance(value, bool):
             return value
@@ -294,6 +306,12 @@ def _validate(recipe: Recipe) -> None:
     if e.momentum_start > e.momentum_end:
         raise RecipeError(f"ema.momentum_start: expected at most ema.momentum_end={e.momentum_end:g} (the "
                           f"teacher slows down over training), got {e.momentum_start:g}")
+    for name, weight in (recipe.data.weights or {}).items():
+        if not weight >= 0 or weight == float("inf"):
+            raise RecipeError(f"data.weights.{name}: expected a finite number >= 0, got {weight}")
+    if recipe.data.weights is not None and recipe.data.packed_path:
+        raise RecipeError("data.weights: cannot reweight data.packed_path (packed blocks no longer know their "
+                          "source file); unset one of them")
     if m.target_num_layers is not None and m.target_num_layers > m.num_hidden_layers:
         raise RecipeError(f"model.target_num_layers: expected at most model.num_hidden_layers="
                           f"{m.num_hidden_layers}, got {m.target_num_layers}")
