@@ -114,3 +114,33 @@ def test_bi_encoder_save_model(jepa_dir, data_dir, tmp_path):  # noqa: F811
     head = torch.load(out / "pair_head.pt")
     assert set(head) == {"classifier.weight", "classifier.bias"}
     assert type(AutoModel.from_pretrained(out)).__name__ == "TextJepaModel"
+
+
+def test_bi_encoder_applies_the_shipped_post_processing(jepa_dir, data_dir, tmp_path):  # noqa: F811
+    """An export with SIF token weights and whitening: the untrained cosine head scores every test pair as
+    the cosine of SentenceEncoder's (shipped) vectors; --post_processing none pools the raw states."""
+    import shutil
+
+    import numpy as np
+
+    from textjepa.evaluation.embedding import SentenceEncoder
+    from textjepa.evaluation.whitening import save_token_weights, save_whitening
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(jepa_dir, shipped)
+    rng = np.random.default_rng(0)
+    hidden = json.loads((shipped / "config.json").read_text())["hidden_size"]
+    vocab = SentenceEncoder(str(shipped)).tokenizer
+    save_token_weights(shipped, rng.uniform(0.1, 1.0, len(vocab)).astype(np.float32))
+    save_whitening(shipped, rng.normal(size=hidden).astype(np.float32),
+                   (np.eye(hidden) + 0.3 * rng.normal(size=(hidden, hidden))).astype(np.float32))
+    spec = load_task_dir(data_dir / "eval" / "similar")
+    untrained = finetune(str(shipped), spec, finetune_args(pair_head="cosine", learning_rate=0.0, num_train_epochs=1))
+    assert untrained["post_processing"] == ["token_weights", "whitening"]
+    encoder = SentenceEncoder(str(shipped), max_length=32)
+    first, second = (encoder.encode(spec.splits["test"][key]) for key in ("sentence1", "sentence2"))
+    expected = (first * second).sum(axis=1)  # both L2-normalised: the cosine
+    assert np.allclose(untrained["test_predictions"], expected, atol=1e-4)
+    raw = finetune(str(shipped), spec, finetune_args(pair_head="cosine", learning_rate=0.0, num_train_epochs=1,
+                                                     post_processing="none"))
+    assert raw["post_processing"] == [] and not np.allclose(raw["test_predictions"], expected, atol=1e-2)

@@ -119,13 +119,27 @@ PAIR_HEADS = ("cross_encoder", "cosine", "concat")
 
 class BiEncoder(torch.nn.Module):
     """Siamese pair model on an AutoModel encoder: u and v are pooled separately, then "cosine" scores
-    cos(u, v) (regression) and "concat" feeds [u, v, |u-v|, u*v] to a linear head (Sentence-BERT)."""
+    cos(u, v) (regression) and "concat" feeds [u, v, |u-v|, u*v] to a linear head (Sentence-BERT).
 
-    def __init__(self, encoder, num_labels, head, pooling="mean"):
+    token_weights (V,) and whitening (mean (H,), matrix (H, H)) are an export's shipped post-processing,
+    applied as SentenceEncoder and SentenceTransformer(export) apply them: the weights (fixed) turn mean
+    pooling into a weighted mean; the whitening becomes a trainable linear map that starts at
+    (x - mean) @ matrix, like the Dense module sentence-transformers would finetune."""
+
+    def __init__(self, encoder, num_labels, head, pooling="mean", token_weights=None, whitening=None):
         super().__init__()
         self.encoder, self.head, self.pooling = encoder, head, pooling
         self.config = encoder.config
         self.forward_args = set(inspect.signature(encoder.forward).parameters)
+        weights = torch.as_tensor(token_weights, dtype=torch.float32) if token_weights is not None else None
+        self.register_buffer("token_weights", weights, persistent=False)
+        self.whiten = None
+        if whitening is not None:
+            mean, matrix = (torch.as_tensor(a, dtype=torch.float32) for a in whitening)
+            self.whiten = torch.nn.Linear(matrix.shape[0], matrix.shape[1])
+            with torch.no_grad():  # x @ W.T + b == (x - mean) @ matrix
+                self.whiten.weight.copy_(matrix.T)
+                self.whiten.bias.copy_(-mean @ matrix)
         if head == "concat":
             self.dropout = torch.nn.Dropout(getattr(encoder.config, "hidden_dropout_prob", 0.1))
             self.classifier = torch.nn.Linear(4 * encoder.config.hidden_size, num_labels)
@@ -134,7 +148,11 @@ class BiEncoder(torch.nn.Module):
         from textjepa import pool_hidden_states
 
         hidden = self.encoder(**{k: v for k, v in inputs.items() if k in self.forward_args}).last_hidden_state
-        return pool_hidden_states(hidden, inputs["attention_mask"], self.pooling)  # (B, H)
+        weights = inputs["attention_mask"]  # (B, T)
+        if self.token_weights is not None and self.pooling == "mean":
+            weights = weights * self.token_weights[inputs["input_ids"]]
+        pooled = pool_hidden_states(hidden, weights, self.pooling)  # (B, H)
+        return self.whiten(pooled) if self.whiten is not None else pooled
 
     def forward(self, labels=None, **batch):
         u = self.embed(**{k: v for k, v in batch.items() if not k.endswith("_b")})
@@ -184,6 +202,7 @@ def finetune(model_name_or_path, spec, args):
                               DataCollatorWithPadding, get_scheduler)
 
     from textjepa.evaluation.embedding import check_model_dir, default_max_length
+    from textjepa.evaluation.whitening import load_token_weights, load_whitening
 
     start = time.time()
     pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
@@ -203,11 +222,17 @@ def finetune(model_name_or_path, spec, args):
     config.pad_token_id = tokenizer.pad_token_id
     if spec.is_regression:
         config.problem_type = "regression"
+    post_processing = []  # the shipped parts the bi-encoder applies
     if pair_head == "cross_encoder":
         model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
     else:
+        token_weights = whitening = None
+        if getattr(args, "post_processing", "shipped") == "shipped" and os.path.isdir(path):
+            token_weights, whitening = load_token_weights(path, len(tokenizer)), load_whitening(path)
         model = BiEncoder(AutoModel.from_pretrained(path, config=config), spec.num_labels, pair_head,
-                          getattr(args, "pooling", "mean"))
+                          getattr(args, "pooling", "mean"), token_weights, whitening)
+        post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
+                           if part is not None]
     train_labels = labels_of(spec, "train")
     # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
     max_length = min(args.max_length, default_max_length(config, tokenizer, path))
@@ -302,7 +327,8 @@ def finetune(model_name_or_path, spec, args):
             break
     accelerator.unwrap_model(model).load_state_dict(best.pop("state"))
     results = {"task": spec.name, "mode": "finetune", "model": str(model_name_or_path), "metric": spec.metric,
-               "pair_head": pair_head if spec.is_pair else None, "learning_rate": args.learning_rate,
+               "pair_head": pair_head if spec.is_pair else None, "post_processing": post_processing,
+               "learning_rate": args.learning_rate,
                "seed": args.seed, "warmup_steps": warmup_steps, "best_epoch": best["epoch"], "validation": best["validation"], "history": history,
                "num_examples": {split: len(ds) for split, ds in spec.splits.items()}}
     if "test" in eval_loaders:
@@ -356,6 +382,9 @@ def parse_args(argv=None):
     p.add_argument("--pair_head", choices=PAIR_HEADS, default="cross_encoder",
                    help="finetune, pair tasks: the pair as one input, or a bi-encoder with a cosine / "
                         "[u, v, |u-v|, u*v] head (ignored for single-sentence tasks)")
+    p.add_argument("--post_processing", choices=["shipped", "none"], default="shipped",
+                   help="bi-encoder heads: apply the SIF token weights and whitening an export ships (as "
+                        "SentenceTransformer(export) does; the whitening is finetuned) or pool the raw states")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="linear_probe and bi-encoder pooling")
