@@ -191,6 +191,10 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/compare")
     parser.add_argument("--minutes", type=float, default=40.0, help="training wall-clock budget per objective")
     parser.add_argument("--steps", type=int, help="equal-data mode: this many optimizer steps for both objectives")
+    parser.add_argument("--budget", action="append", default=[], metavar="NAME=STEPS",
+                        help="fixed steps per objective (textjepa=2827 mlm=1524), e.g. an earlier run's calibrated "
+                             "equal wall-clock budgets (its results.json 'budgets'): repeats that comparison on a "
+                             "loaded machine without re-measuring")
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--recipe", default="recipes/small.yaml")
     parser.add_argument("--tokenizer", help="existing tokenizer directory (else one is trained)")
@@ -206,6 +210,14 @@ def main(argv=None):
     parser.add_argument("--finetune-args", default="",
                         help="extra benchmarks/finetune.py flags, e.g. '--epochs 2 --max-train-examples 2000'")
     args = parser.parse_args(argv)
+    fixed_steps = {}  # --budget NAME=STEPS
+    for item in args.budget:
+        name, _, steps = item.partition("=")
+        if name not in ("textjepa", "mlm") or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"--budget {item!r}: expected NAME=STEPS with NAME textjepa or mlm")
+        fixed_steps[name] = int(steps)
+    if args.budget and (args.steps or len(fixed_steps) != 2):
+        raise SystemExit("--budget: give one for textjepa and one for mlm, without --steps")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,7 +242,9 @@ def main(argv=None):
     objectives = {"textjepa": "jepa", "mlm": "mlm"}
     budgets = {name: {"objective": objective, "seconds_per_step": None, "max_steps": args.steps}
                for name, objective in objectives.items()}
-    if not args.steps:
+    for name, steps in fixed_steps.items():
+        budgets[name]["max_steps"] = steps
+    if not args.steps and not args.budget:
         calibrations = {}
         for name, objective in objectives.items():
             calibration_dir = out / f"calibrate-{name}"
@@ -258,7 +272,7 @@ def main(argv=None):
         overrides = common + [f"objective={budget['objective']}", f"train.max_steps={budget['max_steps']}",
                               f"optim.warmup_steps={warmup}", f"train.save_every={budget['max_steps']}",
                               "log.progress_bar=false"]
-        if not args.steps:
+        if not args.steps and not args.budget:
             overrides.append(f"train.max_minutes={args.minutes * 1.15:.2f}")
         trainings[name] = (train_cmd(args.recipe, str(run_dir), overrides), logs / f"train-{name}.log")
     for name, seconds in run_concurrently(trainings, args.jobs).items():
@@ -311,7 +325,8 @@ def main(argv=None):
         finetune_table = (out / "finetune" / "finetune.md").read_text().split("\n", 1)[1]  # without its title
 
     # 6. report
-    budget_text = f"equal data, {args.steps} steps each" if args.steps else f"equal wall-clock, {args.minutes:g} min each"
+    budget_text = (f"equal data, {args.steps} steps each" if args.steps else
+                   f"fixed budgets {', '.join(args.budget)}" if args.budget else f"equal wall-clock, {args.minutes:g} min each")
     lines = [f"# Text-JEPA vs MLM ({budget_text}, size {args.size})", ""]
     lines += ["| run | steps | tokens seen | train FLOPs (model) | training time (s) | final loss | end |",
               "|---|---:|---:|---:|---:|---:|---|"]
