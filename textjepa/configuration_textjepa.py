@@ -75,6 +75,11 @@ class TextJepaConfig(PreTrainedConfig):
             one-layer predictor (bottleneck_predictor) sees only the student's pooled visible context (one
             vector, at position 0) plus mask tokens at the target positions, and regresses the teacher's
             target states there with the token loss: the pooled vector itself must carry the content.
+        context_loss_weight: weight of a loss on the visible tokens too (0 = off; V-JEPA 2.1's context
+            loss): a linear head (context_predictor) on the student's states at its visible tokens regresses
+            the teacher's targets at the same positions with the token loss. The teacher read the whole
+            text, so the student must fold what it cannot see into the states of what it sees (and it is
+            those states that mean pooling averages).
         pooled_reg, pooled_reg_weight: a guard on the geometry of the student's pooled context vectors
             (B*K, H): "vicreg" (hinge on each dimension's std up to 1 + squared off-diagonal covariance)
             or "sigreg" (LeJEPA: Epps-Pulley normality test on sigreg_num_slices random 1-D projections,
@@ -124,6 +129,7 @@ class TextJepaConfig(PreTrainedConfig):
     cross_view_loss_weight: float = 0.0
     cross_view_target: Literal["teacher", "student"] = "teacher"
     bottleneck_loss_weight: float = 0.0
+    context_loss_weight: float = 0.0
     pooled_reg: Literal["none", "vicreg", "sigreg"] = "none"
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
@@ -172,7 +178,7 @@ class TextJepaConfig(PreTrainedConfig):
                 f"got {self.target_num_layers}"
             )
         for name in ("token_loss_weight", "span_loss_weight", "cross_view_loss_weight", "sentence_loss_weight",
-                     "bottleneck_loss_weight", "pooled_reg_weight", "variance_reg_weight"):
+                     "bottleneck_loss_weight", "context_loss_weight", "pooled_reg_weight", "variance_reg_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TextJepaConfig: {name} must be >= 0, got {getattr(self, name)}")
         if self.sigreg_num_slices < 1:

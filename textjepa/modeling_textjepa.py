@@ -604,6 +604,9 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             self.bottleneck_predictor = TextJepaPredictor(bottleneck_config)
         else:
             self.bottleneck_predictor = None
+        # the student's states at its visible tokens (N, H) -> the teacher's targets at the same positions
+        hidden = config.hidden_size
+        self.context_predictor = nn.Linear(hidden, hidden) if config.context_loss_weight > 0 else None
         self.post_init()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
@@ -752,7 +755,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             raise ValueError("cross_view_target='student' works on mask.num_views segments, not mask.views")
         use_tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
         use_sentence = self.sentence_predictor is not None or (use_cross_view and not student_views)
-        use_teacher = use_tokens or use_sentence or self.bottleneck_predictor is not None
+        use_context = self.context_predictor is not None
+        use_teacher = use_tokens or use_sentence or self.bottleneck_predictor is not None or use_context
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         segments = segment_ids if segment_ids is not None else torch.zeros_like(input_ids)  # (B, L)
@@ -761,12 +765,18 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         #    its mean-pooled embedding of every segment (B, S, H). Skipped when no term reads it.
         targets = None
         if use_teacher:
+            wanted = target_idx.reshape(batch, num_masks * num_target)
+            if use_context:  # the visible tokens' targets too, after the hidden ones: (B, K*Nt + K*Nc)
+                wanted = torch.cat([wanted, context_idx.reshape(batch, num_masks * num_context)], dim=1)
             targets = self.compute_targets(
-                input_ids, attention_mask, target_idx.reshape(batch, num_masks * num_target),
+                input_ids, attention_mask, wanted,
                 return_sentence=use_sentence, segment_ids=segment_ids, position_ids=position_ids,
             )
             if use_sentence:
                 targets, sentence_targets = targets
+            if use_context:
+                context_targets = targets[:, num_masks * num_target:].reshape(rows, num_context, -1)  # (B*K, Nc, H)
+                targets = targets[:, :num_masks * num_target]
             targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
         num_segments = int(segments.max()) + 1
         teacher_has = torch.zeros(batch, num_segments, dtype=torch.bool, device=input_ids.device)
@@ -813,6 +823,10 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             terms["bottleneck_loss"] = self.compute_loss(decoded, targets)
             weighted.append(config.bottleneck_loss_weight * terms["bottleneck_loss"])
 
+        if use_context:  # the visible tokens, read without the hidden part, against the teacher's full read
+            terms["context_loss"] = self.compute_loss(self.context_predictor(context_states), context_targets)
+            weighted.append(config.context_loss_weight * terms["context_loss"])
+
         # 4. sentence-level targets from the pooled visible context of each segment
         if self.sentence_predictor is not None:  # -> the teacher's pooled whole segment
             own_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, S, H)
@@ -858,7 +872,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
             weighted.append(config.pooled_reg_weight * terms["pooled_reg"])
         if not weighted:
             raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, span_loss_weight, "
-                             "sentence_loss_weight, cross_view_loss_weight or bottleneck_loss_weight > 0)")
+                             "sentence_loss_weight, cross_view_loss_weight, bottleneck_loss_weight or "
+                             "context_loss_weight > 0)")
 
         reference = predictions if predictions is not None else pooled_context[student_has]
         return TextJepaForPreTrainingOutput(

@@ -59,7 +59,7 @@ ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; map
     "predictor_hidden_size?", "predictor_num_hidden_layers?", "predictor_num_attention_heads?",
     "target_num_layers?", "target_norm?", "loss_type?", "smooth_l1_beta?", "variance_reg_weight?",
     "sentence_loss_weight?", "token_loss_weight?", "span_loss_weight?", "cross_view_loss_weight?",
-    "cross_view_target?", "bottleneck_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "classifier_pooling?"],
+    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "classifier_pooling?"],
     extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None)])  # a PreTrainedConfig kwarg
 
 
@@ -331,6 +331,7 @@ BOUNDS = {
     "model.variance_reg_weight": _NON_NEGATIVE, "model.sentence_loss_weight": _NON_NEGATIVE,
     "model.token_loss_weight": _NON_NEGATIVE, "model.span_loss_weight": _NON_NEGATIVE,
     "model.cross_view_loss_weight": _NON_NEGATIVE, "model.bottleneck_loss_weight": _NON_NEGATIVE,
+    "model.context_loss_weight": _NON_NEGATIVE,
     "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
     "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
     "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
