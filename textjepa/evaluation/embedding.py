@@ -201,7 +201,7 @@ class SentenceEncoder:
     def __init__(self, model_name_or_path, pooling="mean", normalize=True, max_length=None, batch_size=64,
                  device=None, dtype=None, cache=False, trust_remote_code=False):
         self.name = str(model_name_or_path)
-        self.model, self.tokenizer = load_encoder(model_name_or_path, device=device, trust_remote_code=trust_remote_code)
+        self.model, self.tokenizer = load_encoder(model_name_or_path, device, trust_remote_code)
         model_dir = self.name if os.path.isdir(self.name) else None
         self.max_length = max_length or default_max_length(self.model.config, self.tokenizer, model_dir)
         self.pooling, self.normalize, self.batch_size, self.dtype = pooling, normalize, batch_size, dtype

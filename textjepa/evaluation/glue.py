@@ -185,7 +185,9 @@ def parameter_groups(model, learning_rate, weight_decay, layerwise_lr_decay=1.0)
 class EpochSampler(torch.utils.data.RandomSampler):
     """torch's RandomSampler (the same draws from the global RNG, so the same order under a seed) that keeps
     the seed of the order it serves: a checkpoint stores it, so that a resumed run replays the interrupted
-    epoch's order before skipping the batches already trained on."""
+    epoch's order before skipping the batches already trained on. With several processes accelerate orders the
+    batches with a generator of its own, which checkpoints do not keep: a resumed epoch is then reshuffled, as in
+    HF's script."""
 
     seed, replay = None, None
 
@@ -315,8 +317,8 @@ def finetune(model_name_or_path, spec, args):
         s1, s2 = texts_of(spec, split)
         if pair_head == "cross_encoder":
             forward_args = set(inspect.signature(model.forward).parameters)
-            columns = {k: v for k, v in tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding).items()
-                       if k in forward_args}  # e.g. no token_type_ids for a model without them
+            encoded = tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding)
+            columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for some models
         else:  # the bi-encoder passes its encoder only the inputs it takes
             columns = {**tokenizer(s1, truncation=True, max_length=max_length, padding=padding),
                        **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length,
@@ -435,7 +437,7 @@ def finetune(model_name_or_path, spec, args):
             break
     if tracking:
         accelerator.end_training()
-    completed_steps, history, best = run.completed_steps, run.history, run.best
+    history, best = run.history, run.best
     accelerator.unwrap_model(model).load_state_dict(best.pop("state"))
     results = {"task": spec.name, "mode": "finetune", "model": str(model_name_or_path), "metric": spec.metric,
                "pair_head": pair_head if spec.is_pair else None, "learning_rate": args.learning_rate,
