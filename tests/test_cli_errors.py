@@ -184,6 +184,12 @@ CASES = [
                                          "runs/none/export: model directory does not exist")),
     ("glue missing train file", lambda w, t: (["glue", "--model_name_or_path", str(w["export"]), "--train_file", str(t / "train.jsonl"),
                                                "--validation_file", str(t / "validation.jsonl"), "--mode", "linear_probe"], "train.jsonl")),
+    ("glue resume from nowhere", lambda w, t: (["glue", "--model_name_or_path", str(w["export"]), "--train_file", str(w["root"] / "evaldata/eval/sentiment/train.jsonl"),
+                                                "--validation_file", str(w["root"] / "evaldata/eval/sentiment/validation.jsonl"), "--resume_from_checkpoint", str(t / "step_5")],
+                                               "--resume_from_checkpoint " + str(t / "step_5") + ": not a checkpoint folder written by --checkpointing_steps")),
+    ("glue unknown tracker", lambda w, t: (["glue", "--model_name_or_path", str(w["export"]), "--train_file", str(w["root"] / "evaldata/eval/sentiment/train.jsonl"),
+                                            "--validation_file", str(w["root"] / "evaldata/eval/sentiment/validation.jsonl"), "--with_tracking", "--report_to", "tensorbored",
+                                            "--output_dir", str(t / "out")], "--report_to tensorbored: expected all, or one or more")),
     ("unknown command", lambda w, t: (["fly"], "unknown command 'fly'")),
 ]
 

@@ -197,7 +197,8 @@ def test_linear_probe_and_finetune_end_to_end(bert_dir, bert_encoder, data_dir, 
     task = data_dir / "eval" / "similar"
     glue_main(["--model_name_or_path", str(bert_dir), "--train_file", str(task / "train.jsonl"),
                "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
-               "--mode", "finetune", "--num_train_epochs", "1", "--output_dir", str(out), "--no_progress"])
+               "--mode", "finetune", "--num_train_epochs", "1", "--output_dir", str(out), "--no_progress",
+               "--per_device_train_batch_size", "32", "--seed", "42"])  # the defaults before HF's (8, unseeded)
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "finetune" and results["metric"] == "spearman" and "spearman" in results["test"]
 
@@ -208,7 +209,7 @@ def test_finetune_textjepa_cli(jepa_dir, data_dir, tmp_path, capsys):
     glue_main(["--model_name_or_path", str(jepa_dir), "--train_file", str(task / "train.jsonl"),
                "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
                "--mode", "finetune", "--num_train_epochs", "2", "--learning_rate", "1e-3",
-               "--per_device_train_batch_size", "8", "--output_dir", str(out), "--no_progress"])
+               "--per_device_train_batch_size", "8", "--output_dir", str(out), "--no_progress", "--seed", "42"])
     results = json.loads((out / "results.json").read_text())
     assert len(results["history"]) == 2 and 0.0 <= results["test"]["accuracy"] <= 100.0
     assert "sentiment finetune: validation accuracy" in capsys.readouterr().out

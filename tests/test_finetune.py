@@ -99,7 +99,8 @@ def test_early_stopping_warmup_ratio_and_caps(jepa_dir, data_dir, tmp_path):  # 
     glue_main(["--model_name_or_path", str(jepa_dir), "--train_file", str(task / "train.jsonl"),
                "--validation_file", str(task / "validation.jsonl"), "--test_file", str(task / "test.jsonl"),
                "--num_train_epochs", "1", "--max_train_samples", "16", "--max_eval_samples", "8",
-               "--warmup_ratio", "0.5", "--layerwise_lr_decay", "0.8", "--output_dir", str(out), "--no_progress"])
+               "--warmup_ratio", "0.5", "--layerwise_lr_decay", "0.8", "--output_dir", str(out), "--no_progress",
+               "--per_device_train_batch_size", "32", "--seed", "42"])  # the defaults before HF's (8, unseeded)
     results = json.loads((out / "results.json").read_text())
     assert results["num_examples"] == {"train": 16, "validation": 8, "test": 24}
     assert results["warmup_steps"] == 1 and len(results["test_predictions"]) == 24

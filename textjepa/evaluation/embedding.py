@@ -11,6 +11,7 @@ pools with the project's masked pooling (`textjepa.pool_hidden_states`) and rest
 
 import json
 import os
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -132,7 +133,7 @@ def _transformer_dir(model_dir):
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-def check_model_dir(model_name_or_path) -> str:
+def check_model_dir(model_name_or_path, trust_remote_code=False) -> str:
     """The directory to load (a sentence-transformers folder's transformer subfolder), or a hub name;
     raises naming the directory when it does not exist or lacks config.json / weights."""
     from transformers import AutoConfig
@@ -150,32 +151,33 @@ def check_model_dir(model_name_or_path) -> str:
     if os.path.sep in path.rstrip(os.path.sep) and path.count("/") != 1 or path.startswith((".", "~")):
         raise FileNotFoundError(f"{path}: model directory does not exist")
     try:  # a hub name: one clear line when it cannot be reached or does not exist
-        AutoConfig.from_pretrained(path)
+        AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(f"{path}: neither a local model directory nor a loadable hub model "
                                 f"({str(error).splitlines()[0]})") from None
     return path
 
 
-def load_encoder(model_name_or_path, device=None):
-    """AutoModel + AutoTokenizer with errors that say which directory is wrong and how."""
+def load_encoder(model_name_or_path, device=None, trust_remote_code=False):
+    """AutoModel + AutoTokenizer with errors that say which directory is wrong and how. trust_remote_code is
+    transformers' own (a textjepa directory loads without it once textjepa is imported)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-    path = check_model_dir(model_name_or_path)
+    path = check_model_dir(model_name_or_path, trust_remote_code)
     try:
-        config = AutoConfig.from_pretrained(path)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # a broken config.json, an unknown model_type, ...
         raise ValueError(f"{path}: AutoConfig.from_pretrained failed: {type(error).__name__}: {error}") from error
     if getattr(config, "is_encoder_decoder", False):
         raise ValueError(f"{path}/config.json: model_type {config.model_type!r} is an encoder-decoder; "
                          "expected an encoder that AutoModel returns hidden states for")
     try:
-        model = AutoModel.from_pretrained(path)
+        model = AutoModel.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:  # RuntimeError (shape mismatch), SafetensorError (truncated file), OSError, ...
         raise ValueError(f"{path}: AutoModel.from_pretrained could not load an encoder "
                          f"(model_type {config.model_type!r}): {type(error).__name__}: {error}") from error
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as error:
         raise ValueError(f"{path}: no usable tokenizer beside the model (tokenizer.json / tokenizer_config.json): "
                          f"{error}") from error
@@ -197,9 +199,9 @@ class SentenceEncoder:
     """
 
     def __init__(self, model_name_or_path, pooling="mean", normalize=True, max_length=None, batch_size=64,
-                 device=None, dtype=None, cache=False):
+                 device=None, dtype=None, cache=False, trust_remote_code=False):
         self.name = str(model_name_or_path)
-        self.model, self.tokenizer = load_encoder(model_name_or_path, device=device)
+        self.model, self.tokenizer = load_encoder(model_name_or_path, device, trust_remote_code)
         model_dir = self.name if os.path.isdir(self.name) else None
         self.max_length = max_length or default_max_length(self.model.config, self.tokenizer, model_dir)
         self.pooling, self.normalize, self.batch_size, self.dtype = pooling, normalize, batch_size, dtype
@@ -269,20 +271,27 @@ def encode_distinct(encoder, *text_lists, show_progress=False, **encode_kwargs):
     return [None if texts is None else embeddings[[row_of[t] for t in texts]] for texts in text_lists]
 
 
-def encoder_main(argv, description, add_arguments, evaluate, summary):
+def hyphenated(arg):
+    """--task_dir=X -> --task-dir=X; values and other arguments as they are."""
+    name, sep, value = arg.partition("=")
+    return name.replace("_", "-") + sep + value if arg.startswith("--") else arg
+
+
+def encoder_main(argv, description, add_arguments, evaluate, summary, prog=None):
     """The shared `main()` of the per-task modules (sts, retrieval): --model and --pooling (+ the task's
     own flags from add_arguments(parser)); evaluate(args) -> results, printed as summary(args, results)
-    and written with bootstrap intervals to --output."""
+    and written with bootstrap intervals to --output. Flags are spelled with hyphens like `textjepa
+    evaluate`'s; the underscore spellings these modules first had (--task_dir) still work."""
     import argparse
 
     from textjepa.evaluation.metrics import with_intervals
 
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--model", required=True)
     add_arguments(parser)
     parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
     parser.add_argument("--output", default=None)
-    args = parser.parse_args(argv)
+    args = parser.parse_args([hyphenated(arg) for arg in (sys.argv[1:] if argv is None else argv)])
     results = evaluate(args)
     print(summary(args, results))
     if args.output:

@@ -13,7 +13,13 @@ finetune:     AutoModelForSequenceClassification (textjepa registers its own) tr
               ([u, v, |u-v|, u*v] -> linear head). --warmup_ratio and --layerwise_lr_decay as in HF's scripts.
 linear_probe: frozen pooled embeddings (computed once per distinct text), a logistic regression
               (C picked on validation) or a ridge regression for scores; pair tasks use [u, v, |u-v|, u*v].
-Scores in the results JSON are x100. Sentence keys / labels / metric come from flags or task.json.
+Scores in results.json are x100; all_results.json beside it has HF's keys and scale (eval_accuracy 0.85 for
+validation, test_accuracy for test). Sentence keys / labels / metric come from flags or task.json.
+
+HF's flags and defaults (batch 8, not seeded) hold: --pad_to_max_length, --trust_remote_code,
+--ignore_mismatched_sizes, --checkpointing_steps N|epoch (accelerate's state in output_dir/step_N or epoch_N),
+--resume_from_checkpoint DIR (ends exactly as the uninterrupted run: the checkpoint also keeps the epoch's
+shuffling seed, the validation history and the best epoch's weights), --with_tracking / --report_to.
 """
 
 import argparse
@@ -194,6 +200,72 @@ def parameter_groups(model, learning_rate, weight_decay, layerwise_lr_decay=1.0)
     return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
 
 
+class EpochSampler(torch.utils.data.RandomSampler):
+    """torch's RandomSampler (the same draws from the global RNG, so the same order under a seed) that keeps
+    the seed of the order it serves: a checkpoint stores it, so that a resumed run replays the interrupted
+    epoch's order before skipping the batches already trained on. With several processes accelerate orders the
+    batches with a generator of its own, which checkpoints do not keep: a resumed epoch is then reshuffled, as in
+    HF's script."""
+
+    seed, replay = None, None
+
+    def __iter__(self):
+        if self.generator is not None:  # several processes: accelerate synchronises this generator
+            yield from super().__iter__()
+            return
+        self.seed = self.replay if self.replay is not None else int(torch.empty((), dtype=torch.int64).random_().item())
+        self.replay = None
+        yield from torch.randperm(len(self.data_source), generator=torch.Generator().manual_seed(self.seed)).tolist()
+
+
+class TrainingRun:
+    """What a checkpoint holds beyond accelerate's model / optimizer / scheduler / RNG states, so that a
+    resumed run ends exactly as an uninterrupted one: where it stopped (epoch, batches of that epoch,
+    optimizer steps), the epoch's shuffling seed, the epochs' validation history and the best epoch's weights
+    (kept for the final test), the epoch's summed loss (for the trackers)."""
+
+    def __init__(self):
+        self.epoch, self.batches, self.completed_steps, self.seed = 0, 0, 0, None
+        self.history, self.best, self.loss_sum = [], None, 0.0
+
+    def state_dict(self):
+        return dict(vars(self))
+
+    def load_state_dict(self, state):
+        vars(self).update(state)
+
+
+def resumed(loader, rng_state):
+    """`loader`'s batches, with torch's global RNG set back to `rng_state` (the checkpoint's) once the loader
+    has started, and also when it yields nothing: starting it drew torch's worker base seed from that RNG, a
+    draw the interrupted run made before its checkpoint rather than after."""
+    batches = iter(loader)
+    first = next(batches, None)
+    torch.set_rng_state(rng_state)
+    if first is not None:
+        yield first
+        yield from batches
+
+
+def tracker_names(report_to):
+    """--report_to as accelerate's log_with: "all" or names separated by commas. A tracker whose package is
+    not installed is left out with one line, rather than by accelerate's silent debug message."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+    names = [name.strip() for name in str(report_to).split(",") if name.strip()]
+    if names == ["all"]:
+        return "all"
+    unknown = [name for name in names if name not in LOGGER_TYPE_TO_CLASS]
+    if unknown or not names:
+        raise ValueError(f"--report_to {report_to}: expected all, or one or more (comma-separated) of "
+                         f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            print(f"--report_to {name}: its package is not installed; not logging to it")
+    return [name for name in names if name in available]
+
+
 def finetune(model_name_or_path, spec, args):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -211,48 +283,79 @@ def finetune(model_name_or_path, spec, args):
     if pair_head == "cosine" and not spec.is_regression:
         raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} labels "
                          f"({spec.source}): use --pair_head concat or cross_encoder")
+    tracking = getattr(args, "with_tracking", False)
+    checkpointing = getattr(args, "checkpointing_steps", None)
+    resume = getattr(args, "resume_from_checkpoint", None)
+    if tracking and not args.output_dir:
+        raise ValueError("--with_tracking: needs --output_dir (the trackers write their logs under it)")
+    if resume and not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder written by "
+                                "--checkpointing_steps (step_N or epoch_N under an output_dir)")
+    trackers = tracker_names(getattr(args, "report_to", "all")) if tracking else None
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision)
-    set_seed(args.seed)
-    path = check_model_dir(model_name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+                              mixed_precision=args.mixed_precision, log_with=trackers or None,
+                              project_dir=args.output_dir)
+    if args.seed is not None:  # None: not seeded, as HF's script
+        set_seed(args.seed)
+    trust = getattr(args, "trust_remote_code", False)
+    path = check_model_dir(model_name_or_path, trust)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
         tokenizer.pad_token = tokenizer.eos_token
-    config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name)
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name,
+                                            trust_remote_code=trust)
+    except ValueError as error:  # transformers' own message names the Python argument, not our flag
+        if trust or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"{path}: its config.json names code of its own (auto_map) for a model type this Python "
+                         "does not know; pass --trust_remote_code to run it") from None
     config.pad_token_id = tokenizer.pad_token_id
     if spec.is_regression:
         config.problem_type = "regression"
     post_processing = []  # the shipped parts the bi-encoder applies
     if pair_head == "cross_encoder":
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, trust_remote_code=trust,
+                ignore_mismatched_sizes=getattr(args, "ignore_mismatched_sizes", False))
+        except RuntimeError as error:  # transformers' own message is a page of shapes
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(f"{path}: its weights do not fit a {spec.num_labels}-label head (size mismatch); "
+                             "pass --ignore_mismatched_sizes to start those weights afresh") from None
     else:
         token_weights = whitening = None
         if getattr(args, "post_processing", "shipped") == "shipped" and os.path.isdir(path):
             token_weights, whitening = load_token_weights(path, len(tokenizer)), load_whitening(path)
-        model = BiEncoder(AutoModel.from_pretrained(path, config=config), spec.num_labels, pair_head,
-                          getattr(args, "pooling", "mean"), token_weights, whitening)
+        model = BiEncoder(AutoModel.from_pretrained(path, config=config, trust_remote_code=trust), spec.num_labels,
+                          pair_head, getattr(args, "pooling", "mean"), token_weights, whitening)
         post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
                            if part is not None]
     train_labels = labels_of(spec, "train")
     # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
     max_length = min(args.max_length, default_max_length(config, tokenizer, path))
+    pad_to_max_length = getattr(args, "pad_to_max_length", False)
+    padding = "max_length" if pad_to_max_length else False  # else each batch is padded to its longest
 
     def tokenize(split):
         s1, s2 = texts_of(spec, split)
         if pair_head == "cross_encoder":
             forward_args = set(inspect.signature(model.forward).parameters)
-            columns = {k: v for k, v in tokenizer(s1, s2, truncation=True, max_length=max_length).items()
-                       if k in forward_args}  # e.g. no token_type_ids for a model without them
+            encoded = tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding)
+            columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for some models
         else:  # the bi-encoder passes its encoder only the inputs it takes
-            columns = {**tokenizer(s1, truncation=True, max_length=max_length),
-                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length).items()}}
+            columns = {**tokenizer(s1, truncation=True, max_length=max_length, padding=padding),
+                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length,
+                                                            padding=padding).items()}}
         labels = labels_of(spec, split)
         if pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
             labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
         columns["labels"] = labels.astype(np.float32 if spec.is_regression else np.int64).tolist()
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
-    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8 if accelerator.mixed_precision != "no" else None)
+    multiple = 8 if accelerator.mixed_precision != "no" and not pad_to_max_length else None
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
 
     def collate(rows):
         batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
@@ -263,7 +366,8 @@ def finetune(model_name_or_path, spec, args):
 
     with accelerator.main_process_first():
         examples = {split: tokenize(split) for split in spec.splits}
-    train_loader = DataLoader(examples["train"], shuffle=True, collate_fn=collate,
+    sampler = EpochSampler(examples["train"])  # shuffle=True's sampler, which a resumed run can replay
+    train_loader = DataLoader(examples["train"], sampler=sampler, collate_fn=collate,
                               batch_size=args.per_device_train_batch_size)
     eval_loaders = {split: DataLoader(examples[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
                     for split in spec.splits if split != "train"}
@@ -294,37 +398,71 @@ def finetune(model_name_or_path, spec, args):
             all_labels.append(references.cpu())
         return torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
 
+    run = TrainingRun()
+    accelerator.register_for_checkpointing(run)
+    rng_state = None
+    if resume:  # as HF's script: accelerate's load_state, then skip the batches the checkpoint had trained on
+        accelerator.load_state(resume)
+        accelerator.print(f"Resumed from checkpoint: {resume}")
+        if run.batches:  # stopped within an epoch (an epoch_N checkpoint starts the next epoch afresh)
+            rng_state, sampler.replay = torch.get_rng_state(), run.seed
+    if tracking:
+        accelerator.init_trackers("glue_no_trainer", {k: v for k, v in vars(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+
+    def save_checkpoint(name):
+        accelerator.save_state(os.path.join(args.output_dir or ".", name))
+
     progress = tqdm(range(max_train_steps), desc=f"finetune {spec.name}", disable=not accelerator.is_local_main_process
                     or not args.show_progress)
+    progress.update(run.completed_steps)
     patience = getattr(args, "early_stopping_patience", None)
-    completed_steps, history, best = 0, [], None
-    for epoch in range(num_epochs):
+    for epoch in range(run.epoch, num_epochs):
+        if patience is not None and run.best is not None and epoch - 1 - run.best["epoch"] >= patience:
+            accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
+            break
         model.train()
-        for batch in train_loader:
+        batches = train_loader
+        if rng_state is not None:
+            batches = resumed(accelerator.skip_first_batches(train_loader, run.batches), rng_state)
+            rng_state = None
+        for batch in batches:
+            if run.completed_steps >= max_train_steps:
+                break
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            run.batches, run.seed = run.batches + 1, sampler.seed
+            if tracking:
+                run.loss_sum += loss.item()
             if accelerator.sync_gradients:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
-                completed_steps += 1
-            if completed_steps >= max_train_steps:
-                break
+                run.completed_steps += 1
+                if isinstance(checkpointing, int) and run.completed_steps % checkpointing == 0:
+                    save_checkpoint(f"step_{run.completed_steps}")
         validation = score(spec, *predict("validation"))
-        history.append({"epoch": epoch, "step": completed_steps, "validation": validation})
+        run.history.append({"epoch": epoch, "step": run.completed_steps, "validation": validation})
         accelerator.print(f"epoch {epoch}: validation {spec.metric} {validation[spec.metric]:.2f}")
-        if best is None or validation[spec.metric] > best["validation"][spec.metric]:
+        if run.best is None or validation[spec.metric] > run.best["validation"][spec.metric]:
             state = accelerator.unwrap_model(model).state_dict()
-            best = {"epoch": epoch, "validation": validation,
-                    "state": {k: v.detach().to("cpu", copy=True) for k, v in state.items()}}
-        if completed_steps >= max_train_steps:
+            run.best = {"epoch": epoch, "validation": validation,
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in state.items()}}
+        if tracking:
+            accelerator.log({**{f"validation_{k}": float(v) for k, v in validation.items()}, "epoch": epoch,
+                             "train_loss": run.loss_sum / len(train_loader), "step": run.completed_steps},
+                            step=run.completed_steps)
+        run.epoch, run.batches, run.loss_sum = epoch + 1, 0, 0.0
+        if checkpointing == "epoch":
+            save_checkpoint(f"epoch_{epoch}")
+        if run.completed_steps >= max_train_steps:
             break
-        if patience is not None and epoch - best["epoch"] >= patience:
-            accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
-            break
+    if tracking:
+        accelerator.end_training()
+    history, best = run.history, run.best
     accelerator.unwrap_model(model).load_state_dict(best.pop("state"))
     results = {"task": spec.name, "mode": "finetune", "model": str(model_name_or_path), "metric": spec.metric,
                "pair_head": pair_head if spec.is_pair else None, "post_processing": post_processing,
@@ -349,8 +487,32 @@ def finetune(model_name_or_path, spec, args):
 
 
 # ---------------------------------------------------------------- command line
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="GLUE-style finetuning or linear probe of an AutoModel encoder")
+MODULE_PROG = "python -m textjepa.evaluation.glue"
+
+
+def true_or_false(text):
+    """HF's bool flags: `--trust_remote_code` alone, or followed by true / false."""
+    if text.lower() in ("true", "yes", "1", "false", "no", "0"):
+        return text.lower() in ("true", "yes", "1")
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def steps_or_epoch(text):
+    if text == "epoch" or (text.isdigit() and int(text) > 0):
+        return text if text == "epoch" else int(text)
+    raise argparse.ArgumentTypeError(f"expected 'epoch' or a positive number of steps, got {text!r}")
+
+
+def hf_results(results):
+    """HF's all_results.json: eval_<metric> for validation, test_<metric> for test, in HF's scale (fractions,
+    as `evaluate` returns them; results.json holds the same scores x100)."""
+    return {f"{prefix}_{name}": value / 100.0 for split, prefix in (("validation", "eval"), ("test", "test"))
+            for name, value in results.get(split, {}).items()}
+
+
+def parse_args(argv=None, prog=None):
+    p = argparse.ArgumentParser(prog=prog, description="GLUE-style finetuning or linear probe of an AutoModel "
+                                "encoder; flags as HF's run_glue_no_trainer.py")
     p.add_argument("--model_name_or_path", required=True)
     p.add_argument("--task_name", default=None, help="GLUE task (hub, needs network) or a name for local files")
     p.add_argument("--train_file")
@@ -364,7 +526,9 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["finetune", "linear_probe"], default="finetune")
     p.add_argument("--output_dir", default=None)
     p.add_argument("--max_length", type=int, default=128)
-    p.add_argument("--per_device_train_batch_size", type=int, default=32)
+    p.add_argument("--pad_to_max_length", action="store_true",
+                   help="pad every batch to --max_length (default: each batch to its longest input)")
+    p.add_argument("--per_device_train_batch_size", type=int, default=8)
     p.add_argument("--per_device_eval_batch_size", type=int, default=64)
     p.add_argument("--learning_rate", type=float, default=5e-5)
     p.add_argument("--weight_decay", type=float, default=0.0)
@@ -386,19 +550,32 @@ def parse_args(argv=None):
                    help="bi-encoder heads: apply the SIF token weights and whitening an export ships (as "
                         "SentenceTransformer(export) does; the whitening is finetuned) or pool the raw states")
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=None, help="default: not seeded (as HF)")
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean", help="linear_probe and bi-encoder pooling")
     p.add_argument("--max_examples", type=int, default=None, help="truncate every split (smoke runs)")
     p.add_argument("--max_train_samples", type=int, default=None, help="keep the first N train examples")
     p.add_argument("--max_eval_samples", type=int, default=None,
                    help="keep the first N validation examples (test is never truncated by this)")
     p.add_argument("--save_model", action="store_true", help="finetune: save the best model to --output_dir")
+    p.add_argument("--trust_remote_code", nargs="?", const=True, default=False, type=true_or_false,
+                   help="run a model directory's own code (auto_map); textjepa models load without it")
+    p.add_argument("--ignore_mismatched_sizes", action="store_true",
+                   help="finetune: start afresh the head weights whose shapes differ from the task's")
+    p.add_argument("--checkpointing_steps", type=steps_or_epoch, default=None,
+                   help="finetune: save accelerate's state every N optimizer steps (output_dir/step_N) or after "
+                        "every epoch (epoch: output_dir/epoch_N)")
+    p.add_argument("--resume_from_checkpoint", default=None,
+                   help="finetune: a step_N / epoch_N folder; training resumes exactly where it stopped")
+    p.add_argument("--with_tracking", action="store_true",
+                   help="finetune: log validation scores and train loss per epoch to --report_to")
+    p.add_argument("--report_to", default="all",
+                   help="all (every installed tracker), or trackers separated by commas: tensorboard, wandb, ...")
     p.add_argument("--no_progress", dest="show_progress", action="store_false")
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog="textjepa glue"):
+    args = parse_args(argv, prog)
     spec = load_task(train_file=args.train_file, validation_file=args.validation_file, test_file=args.test_file,
                      task_name=args.task_name, sentence1_key=args.sentence1_key, sentence2_key=args.sentence2_key,
                      label_key=args.label_key, num_labels=args.num_labels, metric=args.metric,
@@ -412,7 +589,7 @@ def main(argv=None):
         from textjepa.evaluation.embedding import SentenceEncoder
 
         encoder = SentenceEncoder(args.model_name_or_path, pooling=args.pooling, max_length=args.max_length,
-                                  batch_size=args.per_device_eval_batch_size)
+                                  batch_size=args.per_device_eval_batch_size, trust_remote_code=args.trust_remote_code)
         results = linear_probe(encoder, spec, show_progress=args.show_progress)
     summary = f"{spec.name} {args.mode}: validation {spec.metric} {results['validation'][spec.metric]:.2f}"
     if "test" in results:
@@ -422,8 +599,14 @@ def main(argv=None):
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(with_intervals(results), f, indent=2)
+        with open(os.path.join(args.output_dir, "all_results.json"), "w") as f:
+            json.dump(hf_results(results), f, indent=2)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from textjepa.cli import run
+
+    raise SystemExit(run(MODULE_PROG, lambda argv: main(argv, MODULE_PROG), sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Dense retrieval on the BEIR layout: corpus.jsonl, queries.jsonl, qrels/test.tsv (.gz accepted).
 
-    python -m textjepa.evaluation.retrieval --model DIR --data_dir ../shared/data/retrieval/vitaminc_claims
+    python -m textjepa.evaluation.retrieval --model DIR --data-dir ../shared/data/retrieval/vitaminc_claims
 
 Corpus entries are embedded as "title text"; queries and documents go through the same encoder.
 Exact top-k by chunked matrix products: memory is (query_chunk x corpus_chunk) scores at a time plus
@@ -14,6 +14,7 @@ import csv
 import gzip
 import json
 import os
+import sys
 import time
 
 import numpy as np
@@ -164,14 +165,17 @@ def retrieval_result(rankings, qrels_by_split, num_documents, model_name, name, 
     return result
 
 
+MODULE_PROG = "python -m textjepa.evaluation.retrieval"
+
+
 def main(argv=None):
     from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
 
     def add_arguments(p):
-        p.add_argument("--data_dir", required=True)
+        p.add_argument("--data-dir", required=True)
         p.add_argument("--split", default="test")
-        p.add_argument("--batch_size", type=int, default=64)
-        p.add_argument("--max_queries", type=int, default=None, help="score only the first N judged queries (full corpus)")
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--max-queries", type=int, default=None, help="score only the first N judged queries (full corpus)")
 
     def evaluate(args):
         corpus, queries, qrels = load_beir(args.data_dir, args.split)
@@ -182,8 +186,11 @@ def main(argv=None):
                                   name=os.path.basename(os.path.normpath(args.data_dir)))
 
     return encoder_main(argv, "dense retrieval on a BEIR folder", add_arguments, evaluate,
-                        lambda args, r: " ".join(f"{key} {value:.2f}" for key, value in r[args.split].items()))
+                        lambda args, r: " ".join(f"{key} {value:.2f}" for key, value in r[args.split].items()),
+                        prog=MODULE_PROG)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from textjepa.cli import run
+
+    raise SystemExit(run(MODULE_PROG, main, sys.argv[1:]))

@@ -1,8 +1,9 @@
 """Zero-shot semantic textual similarity: cosine of pooled embeddings vs gold scores, Spearman x100.
 
-    python -m textjepa.evaluation.sts --model DIR --task_dir ../shared/data/eval/stsb [--split test]
+    python -m textjepa.evaluation.sts --model DIR --task-dir ../shared/data/eval/stsb [--split test]
 """
 
+import sys
 import time
 
 import numpy as np
@@ -52,11 +53,14 @@ def sts_result(spec, split, cosine, model_name, start):
             "seconds": time.time() - start}
 
 
+MODULE_PROG = "python -m textjepa.evaluation.sts"
+
+
 def main(argv=None):
     from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
 
     def add_arguments(p):
-        p.add_argument("--task_dir", required=True)
+        p.add_argument("--task-dir", required=True)
         p.add_argument("--split", default="test")
 
     def evaluate(args):
@@ -64,8 +68,11 @@ def main(argv=None):
                                  args.split, show_progress=True)
 
     return encoder_main(argv, "zero-shot STS (cosine Spearman x100)", add_arguments, evaluate,
-                        lambda args, r: f"{r['task']} zero-shot {args.split}: spearman {r[args.split]['spearman']:.2f}")
+                        lambda args, r: f"{r['task']} zero-shot {args.split}: spearman {r[args.split]['spearman']:.2f}",
+                        prog=MODULE_PROG)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from textjepa.cli import run
+
+    raise SystemExit(run(MODULE_PROG, main, sys.argv[1:]))
