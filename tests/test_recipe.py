@@ -43,6 +43,7 @@ def test_defaults_and_typed_sections(tmp_path):
     ("data:\n  weights: {sotu: x}\n", "data.weights.sotu: expected float, got 'x'"),
     ("data:\n  weights: {sotu: -1}\n", "data.weights.sotu: expected a finite number >= 0, got -1.0"),
     ("data:\n  weights: {sotu: 2}\n  packed_path: blocks\n", "data.weights: cannot reweight data.packed_path"),
+    ("data:\n  weights: {sotu: 2}\n  streaming: true\n", "data.weights: not supported with data.streaming yet"),
 ])
 def test_bad_recipes_name_the_key(tmp_path, text, expected):
     with pytest.raises(RecipeError) as err:

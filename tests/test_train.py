@@ -459,7 +459,7 @@ def test_micro_batches_do_not_depend_on_loader_workers(objective):
     loaded = {}
     for workers in (2, 0):  # the worker run first: forked workers must not inherit a used collator state
         recipe.data.num_workers = workers
-        loaded[workers] = list(micro_batch_loader(data, recipe, 2, torch.device("cpu")))
+        loaded[workers] = list(micro_batch_loader(data, recipe, ckpt.TrainerState(step=2), torch.device("cpu")))
     assert len(loaded[0]) == len(loaded[2]) == 4
     for with_workers, without in zip(loaded[2], loaded[0]):
         assert with_workers.keys() == without.keys()

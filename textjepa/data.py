@@ -21,6 +21,7 @@ small to fill one block.
 import glob
 import logging
 import os
+import zlib
 
 import numpy as np
 
@@ -405,6 +406,13 @@ def pack_dataset(docs, tokenizer, block_size, num_proc=1, streaming=False, desc=
     return packed
 
 
+def _held_out(batch, every, held_out):
+    """The streaming validation split: a document is held out when the crc32 of its text is 0 modulo
+    `every` (about 1 in `every`). A position rule (every n-th document) would move with the order the
+    files are read in, which a shuffled stream changes every epoch: documents would cross the split."""
+    return [(zlib.crc32(text.encode("utf-8")) % every == 0) == held_out for text in batch["text"]]
+
+
 def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text", validation_fraction=0.01,
                                validation_files=None, num_proc=1, cache_dir=None, streaming=False, seed=0,
                                txt_mode="paragraph", encoding_errors=None, source_weights=None):
@@ -412,7 +420,8 @@ def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text
 
     The validation split is held out at document level before packing, so no document straddles the
     splits: either the files in validation_files, or a validation_fraction of documents (a seeded random
-    split; when streaming, every round(1/fraction)-th document). valid is None when the fraction is 0.
+    split; when streaming, the documents whose text hashes to 0 modulo round(1/fraction), see _held_out).
+    valid is None when the fraction is 0.
     source_weights ({file name without extension: weight}) resamples the training documents after the split
     (apply_source_weights); validation keeps the natural mixture.
     """
@@ -432,10 +441,10 @@ def build_pretraining_datasets(sources, tokenizer, block_size, text_column="text
     elif validation_fraction and validation_fraction > 0:
         if not 0 < validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-        if streaming:
+        if streaming:  # by content, not position: shuffling reorders the files every epoch (see _held_out)
             every = max(2, round(1 / validation_fraction))
-            valid_docs = docs.filter(lambda _, i: i % every == 0, with_indices=True)
-            train_docs = docs.filter(lambda _, i: i % every != 0, with_indices=True)
+            valid_docs = docs.filter(_held_out, batched=True, fn_kwargs=dict(every=every, held_out=True))
+            train_docs = docs.filter(_held_out, batched=True, fn_kwargs=dict(every=every, held_out=False))
         else:
             if len(docs) < 2:
                 raise ValueError(f"cannot hold out a validation split from {len(docs)} document(s) in {sources!r}")

@@ -9,10 +9,14 @@ Sample order: the training blocks are shuffled once per epoch with a generator s
 (seed, epoch); an epoch is the largest multiple of the global batch (batch_size * grad_accum *
 num_processes) that fits, the rest of the epoch's permutation is skipped. Masks: each block gets its
 own generator seeded by (seed, epoch, block index), for the JEPA span collator and for the MLM collator.
+
+data.streaming: StreamedMicroBatches lays out a stream of blocks the same way (its docstring says what
+differs: the order within an epoch, and how resume finds its place).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass
@@ -69,7 +73,8 @@ def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
 
 
 def load_blocks(recipe, tokenizer, output_dir: Path):
-    """(train, valid) datasets of block_size ids, numpy-formatted; valid may be None."""
+    """(train, valid) datasets of block_size ids, numpy-formatted; valid may be None. With
+    data.streaming, IterableDatasets that read, tokenize and pack the source as they are iterated."""
     import datasets
 
     data = recipe.data
@@ -89,7 +94,9 @@ def load_blocks(recipe, tokenizer, output_dir: Path):
         train, valid = build_pretraining_datasets(
             _sources(recipe, output_dir), tokenizer, data.block_size, text_column=data.text_column,
             validation_fraction=data.validation_fraction, num_proc=data.num_proc, cache_dir=data.cache_dir,
-            seed=recipe.train.seed, source_weights=data.weights)
+            seed=recipe.train.seed, streaming=data.streaming, source_weights=data.weights)
+    if data.streaming:  # IterableDatasets, packed into block_size ids as they are read
+        return train.with_format("numpy"), valid.with_format("numpy") if valid is not None else None
     for name, ds in (("train", train), ("validation", valid)):
         if ds is None:
             continue
@@ -107,6 +114,13 @@ def load_blocks(recipe, tokenizer, output_dir: Path):
 def probe_blocks(train, valid, size: int) -> torch.Tensor:
     """A fixed (P, L) batch for the effective-rank figure: the first `size` validation blocks (train
     blocks when there is no validation split)."""
+    import datasets
+
+    if isinstance(train, datasets.IterableDataset):  # streamed: read the first blocks
+        for source in (valid, train):
+            rows = [row["input_ids"] for row in source.take(size)] if source is not None else []
+            if rows:
+                return torch.as_tensor(np.stack(rows), dtype=torch.long)
     source = valid if valid is not None and len(valid) > 0 else train
     size = min(size, len(source))
     return torch.as_tensor(np.asarray(source[:size]["input_ids"]), dtype=torch.long)
@@ -174,15 +188,115 @@ class MicroBatches(torch.utils.data.Dataset):
         offset = i * self.global_micro + self.rank * self.batch_size  # position in the sample stream
         epoch, start = divmod(offset, self.blocks_per_epoch)
         if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+            self._perm = self.epoch_order(epoch)
             self._epoch = epoch
         return epoch, self._perm[start:start + self.batch_size]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The block indices of `epoch` in the order they are trained on."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
 
     def __getitem__(self, i: int) -> dict:
         epoch, indices = self.block_indices(int(i))
         ids = np.asarray(self.blocks[indices]["input_ids"])
         seeds = [(self.seed, epoch, int(k)) for k in indices]
         return self.make_batch(ids, seeds)
+
+
+STREAM_NEXT = "stream_next"  # micro-batch key: (epoch, first step of that epoch) the stream goes on at
+
+
+class StreamedMicroBatches(torch.utils.data.IterableDataset):
+    """data.streaming: this process's micro-batches from a stream of packed blocks (an IterableDataset
+    that reads, tokenizes and packs the source as it is iterated), from optimizer step first to last.
+
+    Order: an epoch is one pass over the stream, shuffled by datasets' IterableDataset.shuffle with a
+    buffer of shuffle_buffer blocks and the seed seed + epoch (it also reorders the files); a buffer of
+    0 or 1 keeps the stream's order. The stream is read one optimizer step at a time, global_batch =
+    batch_size x grad_accum x processes blocks, laid out as in MicroBatches: micro-batch j of a step holds
+    rows j * global_micro + rank * batch_size onwards; the incomplete last step of an epoch is skipped.
+    The block at position k of an epoch is masked with the seed (seed, epoch, k).
+
+    Processes: every process reads the whole stream and keeps its rows, so the processes see disjoint
+    blocks and N processes x b see what 1 process x N*b sees, as with the Arrow path; the price is that
+    every process reads and tokenizes all of it (so does every DataLoader worker; each builds every
+    num_workers-th micro-batch). datasets.distributed.split_dataset_by_node would split by files when
+    their number divides the process count, else keep every N-th block of the same full read: the blocks
+    would then depend on the number of processes and files.
+
+    Resume: each micro-batch carries where the stream goes on after its step (STREAM_NEXT), which
+    micro_batch_loader writes into the TrainerState that checkpoints save. A resumed stream re-reads
+    that epoch from its start and skips the steps already trained on, by count: exact, at the cost of
+    tokenizing the consumed part of the epoch again (no model work). datasets' own state_dict() would
+    resume without re-reading but not exactly: it does not keep the shuffle buffer.
+
+    Equality with the Arrow path (tests/test_streaming.py): with shuffle_buffer 0 the stream is the
+    packed Arrow dataset of the same source in order, and these micro-batches are those of MicroBatches
+    over it with epoch_order the identity, masks included; a run gives the same losses bit for bit.
+    No shuffled stream equals the Arrow path's order: a buffer shuffle is not a permutation drawn over
+    the whole epoch.
+    """
+
+    def __init__(self, blocks, batch_size: int, grad_accum: int, rank: int, world_size: int, seed: int,
+                 make_batch, shuffle_buffer: int = 0):
+        self.blocks, self.batch_size, self.grad_accum, self.rank = blocks, batch_size, grad_accum, rank
+        self.seed, self.make_batch, self.shuffle_buffer = seed, make_batch, shuffle_buffer
+        self.global_micro = batch_size * world_size
+        self.global_batch = self.global_micro * grad_accum
+        self.epoch, self.epoch_start, self.first, self.last = 0, 0, 0, None  # see `between`
+
+    def between(self, epoch: int, epoch_start: int, first: int, last: int) -> "StreamedMicroBatches":
+        """A copy that yields the micro-batches of optimizer steps first..last-1, `epoch` (begun at
+        step epoch_start) being the epoch that step `first` is in."""
+        part = copy.copy(self)
+        part.epoch, part.epoch_start, part.first, part.last = epoch, epoch_start, first, last
+        return part
+
+    def epoch_steps(self, epoch: int):
+        """(global_batch blocks, whether they are the epoch's last whole step) for each step of `epoch`."""
+        blocks = self.blocks
+        if self.shuffle_buffer > 1:
+            blocks = blocks.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
+        previous = None
+        for batch in blocks.iter(batch_size=self.global_batch, drop_last_batch=True):
+            if previous is not None:
+                yield previous, False
+            previous = np.asarray(batch["input_ids"])
+        if previous is not None:
+            yield previous, True
+
+    def steps(self):
+        """(epoch, position of the step's first block in the epoch, its blocks, where the stream goes on
+        after it) for the steps first..last-1."""
+        epoch, epoch_start = self.epoch, self.epoch_start
+        while True:
+            step = epoch_start
+            for blocks, last_in_epoch in self.epoch_steps(epoch):
+                if self.last is not None and step >= self.last:
+                    return
+                if step >= self.first:
+                    after = (epoch + 1, step + 1) if last_in_epoch else (epoch, epoch_start)
+                    yield epoch, (step - epoch_start) * self.global_batch, blocks, after
+                step += 1
+            if step == epoch_start:
+                raise ValueError(f"data.streaming: epoch {epoch} of the stream holds fewer blocks than one global "
+                                 f"batch of {self.global_batch} (train.batch_size x train.grad_accum x processes)")
+            epoch, epoch_start = epoch + 1, step
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (1, 0) if info is None else (info.num_workers, info.id)
+        count = 0  # micro-batches so far; the DataLoader takes them from its workers in turn
+        for epoch, position, blocks, after in self.steps():
+            for j in range(self.grad_accum):
+                count += 1
+                if (count - 1) % workers != worker:
+                    continue
+                start = j * self.global_micro + self.rank * self.batch_size
+                seeds = [(self.seed, epoch, position + start + r) for r in range(self.batch_size)]
+                batch = self.make_batch(blocks[start:start + self.batch_size], seeds)
+                batch[STREAM_NEXT] = torch.tensor(after)
+                yield batch
 
 
 def masking_config(recipe, tokenizer):
@@ -208,9 +322,9 @@ class TrainingData:
     """What the loop reads: the tokenizer, this process's micro-batch stream and the rank probe."""
 
     tokenizer: object
-    micro_batches: MicroBatches
+    micro_batches: MicroBatches | StreamedMicroBatches
     probe_ids: torch.Tensor  # (P, L) fixed blocks for the effective-rank figure
-    num_train_blocks: int
+    num_train_blocks: int | None  # None: streamed, not known
     tokens_per_step: int  # over all processes and micro-batches of one optimizer step
 
 
@@ -228,21 +342,38 @@ def training_data(recipe, accelerator, output_dir: Path) -> TrainingData:
         make_batch = JepaBatchMaker(masking_config(recipe, tokenizer))
     else:
         make_batch = MlmBatchMaker(tokenizer, recipe.mask.mlm_probability)
-    micro_batches = MicroBatches(train_blocks, train.batch_size, train.grad_accum, accelerator.process_index,
-                                 accelerator.num_processes, train.seed, make_batch)
+    layout = (train.batch_size, train.grad_accum, accelerator.process_index, accelerator.num_processes, train.seed,
+              make_batch)
+    if data.streaming:
+        micro_batches = StreamedMicroBatches(train_blocks, *layout, shuffle_buffer=data.shuffle_buffer)
+        if len(list(train_blocks.take(micro_batches.global_batch))) < micro_batches.global_batch:
+            raise ValueError(f"data.streaming: the stream of {data.source} holds fewer blocks than one global batch "
+                             f"of {micro_batches.global_batch} (train.batch_size x train.grad_accum x processes); "
+                             "add data or lower the batch")
+    else:
+        micro_batches = MicroBatches(train_blocks, *layout)
     return TrainingData(
         tokenizer=tokenizer, micro_batches=micro_batches,
         probe_ids=probe_blocks(train_blocks, valid_blocks, recipe.log.probe_size),
-        num_train_blocks=len(train_blocks),
+        num_train_blocks=None if data.streaming else len(train_blocks),
         tokens_per_step=train.batch_size * train.grad_accum * accelerator.num_processes * data.block_size)
 
 
-def micro_batch_loader(data: TrainingData, recipe, first_step: int, device) -> torch.utils.data.DataLoader:
-    """The micro-batches from optimizer step `first_step` to train.max_steps, in order."""
+def micro_batch_loader(data: TrainingData, recipe, state, device):
+    """The micro-batches from optimizer step state.step (a TrainerState) to train.max_steps, in order.
+    A stream starts where `state` says and, as its micro-batches are drawn, writes into `state` where it
+    goes on (saved by the next checkpoint)."""
     train = recipe.train
-    return torch.utils.data.DataLoader(
-        data.micro_batches, batch_size=None,
-        sampler=range(first_step * train.grad_accum, train.max_steps * train.grad_accum),
-        num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(train.seed),  # never touch the global RNG (exact resume)
-    )
+    loader = dict(batch_size=None, num_workers=recipe.data.num_workers, pin_memory=device.type == "cuda",
+                  generator=torch.Generator().manual_seed(train.seed))  # never touch the global RNG (exact resume)
+    if isinstance(data.micro_batches, StreamedMicroBatches):
+        stream = data.micro_batches.between(state.stream_epoch, state.stream_epoch_start, state.step, train.max_steps)
+        return _recording_position(torch.utils.data.DataLoader(stream, **loader), state)
+    sampler = range(state.step * train.grad_accum, train.max_steps * train.grad_accum)
+    return torch.utils.data.DataLoader(data.micro_batches, sampler=sampler, **loader)
+
+
+def _recording_position(micro_batches, state):
+    for batch in micro_batches:
+        state.stream_epoch, state.stream_epoch_start = (int(v) for v in batch.pop(STREAM_NEXT))
+        yield batch

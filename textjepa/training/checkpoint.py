@@ -52,6 +52,10 @@ class TrainerState:
     elapsed_s: float = 0.0  # training wall time over all sessions
     world_size: int = 1
     last_metrics: dict = field(default_factory=dict)
+    # data.streaming: the epoch the next step reads and the step that epoch began at (a resumed stream
+    # re-reads that epoch and skips step - stream_epoch_start optimizer steps of blocks)
+    stream_epoch: int = 0
+    stream_epoch_start: int = 0
 
 
 def read_trainer_state(checkpoint_dir: Path) -> TrainerState:

@@ -463,12 +463,13 @@ def _train(recipe, resume, model, announce, cleanup):
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
-    say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, {data.num_train_blocks} train "
-        f"blocks of {recipe.data.block_size} tokens, {train_cfg.max_steps} steps x {data.tokens_per_step} tokens "
+    say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, "
+        f"{data.num_train_blocks or 'streamed'} train blocks of {recipe.data.block_size} tokens, "
+        f"{train_cfg.max_steps} steps x {data.tokens_per_step} tokens "
         f"({accelerator.num_processes} process(es){', FSDP' if _is_sharded(accelerator) else ''}, {accelerator.device}, precision {accelerator.mixed_precision}); "
         f"setup {time.perf_counter() - setup_start:.1f}s")
 
-    batches = iter(micro_batch_loader(data, recipe, state.step, accelerator.device))  # from the last step on
+    batches = iter(micro_batch_loader(data, recipe, state, accelerator.device))  # from the last step on
     guard_after = log_cfg.guard_after if log_cfg.guard_after is not None else recipe.optim.warmup_steps
     stop_after = train_cfg.stop_after if train_cfg.stop_after is not None else train_cfg.max_steps
     last_step = min(train_cfg.max_steps, stop_after)  # of this session

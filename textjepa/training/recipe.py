@@ -71,6 +71,18 @@ class DataSection:
     parquet) or a hub dataset name. tokenizer: a tokenizer directory; null trains one on the source
     (saved in <output_dir>/tokenizer and reused on the next run). packed_path: a `save_to_disk`
     dataset with one `input_ids` column of block_size ids, used instead of tokenizing the source.
+
+    streaming: true reads the source as a stream (datasets' IterableDataset; local files or hub names)
+    and tokenizes and packs it on the fly, for corpora bigger than memory or disk; false (the default)
+    tokenizes all of it to Arrow before step 1. Every process reads the whole stream and keeps its share
+    of each batch; an epoch is one pass, then the next one begins, reshuffled; `--resume` re-reads the
+    current epoch and skips what was trained on (exact). The validation split is about
+    validation_fraction of the documents, chosen by a hash of their text, and the effective-rank probe
+    takes the first log.probe_size validation blocks. With shuffle_buffer 0 a run equals the Arrow
+    path's over the same blocks in order (batches.StreamedMicroBatches says exactly what is equal).
+    shuffle_buffer: blocks in the streaming shuffle buffer, reseeded every epoch (0 or 1: the stream's
+    order). With tokenizer null the tokenizer is still trained on the whole source, read into Arrow: for
+    a big corpus train one on a sample first (`textjepa tokenizer train --max-chars`).
     """
 
     source: Union[str, list[str]] = "quickstart"
@@ -88,6 +100,8 @@ class DataSection:
     # unlisted files weigh 1. A weight w keeps each training document floor(w) times plus once more with
     # probability w - floor(w) (seeded), before packing; the validation split keeps the natural mixture.
     weights: Optional[dict[str, float]] = None
+    streaming: bool = False
+    shuffle_buffer: int = 10000
 
 
 MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textjepa.masking.MaskingConfig (see the contract for meanings);
@@ -312,6 +326,11 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.weights is not None and recipe.data.packed_path:
         raise RecipeError("data.weights: cannot reweight data.packed_path (packed blocks no longer know their "
                           "source file); unset one of them")
+    if recipe.data.weights is not None and recipe.data.streaming:
+        raise RecipeError("data.weights: not supported with data.streaming yet; unset one of them")
+    if recipe.data.streaming and recipe.data.packed_path:
+        raise RecipeError("data.packed_path: already packed blocks are read from disk, not streamed; set "
+                          "data.streaming: false to use them, or data.packed_path: null to stream data.source")
     if m.target_num_layers is not None and m.target_num_layers > m.num_hidden_layers:
         raise RecipeError(f"model.target_num_layers: expected at most model.num_hidden_layers="
                           f"{m.num_hidden_layers}, got {m.target_num_layers}")
@@ -335,6 +354,7 @@ BOUNDS = {
     "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
     "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
     "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
+    "data.shuffle_buffer": _NON_NEGATIVE,
     "mask.num_masks": _AT_LEAST_ONE, "mask.num_views": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
     "mask.mean_span_length": (1, True, None, False), "mask.min_span_length": _AT_LEAST_ONE,
     "mask.extra_context_drop": _UNIT_RIGHT_OPEN, "mask.mlm_probability": _UNIT_OPEN,
