@@ -41,7 +41,8 @@ def test_defaults_and_typed_sections(tmp_path):
     ("optim: [\n", "not valid YAML"),
     ("data:\n  weights: [1, 2]\n", "data.weights: expected mapping of str to float or null, got [1, 2]"),
     ("data:\n  weights: {sotu: x}\n", "data.weights.sotu: expected float, got 'x'"),
-    ("data:\n  weights: {sotu: -1}\n", "data.weights.sotu: expected a finite number >= 0, got -1.0"),
+    ("data:\n  weights: {sotu: -1}\n", "data.weights.sotu: expected a number >= 0, got -1.0"),
+    ("data:\n  weights: {sotu: .inf}\n", "data.weights.sotu: expected a number >= 0, got inf"),
     ("data:\n  weights: {sotu: 2}\n  packed_path: blocks\n", "data.weights: cannot reweight data.packed_path"),
     ("data:\n  weights: {sotu: 2}\n  streaming: true\n", "data.weights: not supported with data.streaming yet"),
 ])

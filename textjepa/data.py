@@ -223,7 +223,7 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
             ds = datasets.load_dataset(name, config or None, split="train", streaming=streaming, cache_dir=cache_dir)
             parts.append(_select_text(ds, text_column, where=f"hub dataset {source!r}"))
             names.append(f"hub dataset {source!r}")
-            tags.append(source_name(source))
+            tags.append(source_name(name))
     for (builder, _), files in groups.items():
         empty = [f for f in files if os.path.getsize(f) == 0]
         if empty:
@@ -269,9 +269,8 @@ def load_text_dataset(sources, text_column="text", txt_mode="paragraph", streami
 
 
 def source_name(path):
-    """'../data/linux_doc_rst.parquet' -> 'linux_doc_rst' (the key of data.weights); hub 'user/set:cfg' -> 'set'."""
-    name = os.path.basename(os.path.normpath(path.partition(":")[0] if not os.path.exists(path) else path))
-    return os.path.splitext(name)[0]
+    """'../data/linux_doc_rst.parquet' -> 'linux_doc_rst' (the key of data.weights); hub 'user/set' -> 'set'."""
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
 
 
 def apply_source_weights(docs, weights, seed=0):

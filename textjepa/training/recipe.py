@@ -320,9 +320,6 @@ def _validate(recipe: Recipe) -> None:
     if e.momentum_start > e.momentum_end:
         raise RecipeError(f"ema.momentum_start: expected at most ema.momentum_end={e.momentum_end:g} (the "
                           f"teacher slows down over training), got {e.momentum_start:g}")
-    for name, weight in (recipe.data.weights or {}).items():
-        if not weight >= 0 or weight == float("inf"):
-            raise RecipeError(f"data.weights.{name}: expected a finite number >= 0, got {weight}")
     if recipe.data.weights is not None and recipe.data.packed_path:
         raise RecipeError("data.weights: cannot reweight data.packed_path (packed blocks no longer know their "
                           "source file); unset one of them")
@@ -354,7 +351,7 @@ BOUNDS = {
     "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
     "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
     "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
-    "data.shuffle_buffer": _NON_NEGATIVE,
+    "data.shuffle_buffer": _NON_NEGATIVE, "data.weights": _NON_NEGATIVE,  # a mapping: every value
     "mask.num_masks": _AT_LEAST_ONE, "mask.num_views": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
     "mask.mean_span_length": (1, True, None, False), "mask.min_span_length": _AT_LEAST_ONE,
     "mask.extra_context_drop": _UNIT_RIGHT_OPEN, "mask.mlm_probability": _UNIT_OPEN,
@@ -384,13 +381,16 @@ def _check_bounds(recipe: Recipe) -> None:
         value = values[section][name]
         if index and value is not None:
             value = value[int(index.rstrip("]"))]
-        if value is None:
-            continue
-        ok = math.isfinite(value) and (value >= low if low_in else value > low)
-        if high is not None:
-            ok = ok and (value <= high if high_in else value < high)
-        if not ok:
-            raise RecipeError(f"{key}: expected {_range_text(low, low_in, high, high_in)}, got {value}")
+        items = value.items() if isinstance(value, dict) else [(None, value)]  # a mapping: each of its values
+        for item, value in items:
+            if value is None:
+                continue
+            ok = math.isfinite(value) and (value >= low if low_in else value > low)
+            if high is not None:
+                ok = ok and (value <= high if high_in else value < high)
+            if not ok:
+                where = key if item is None else f"{key}.{item}"
+                raise RecipeError(f"{where}: expected {_range_text(low, low_in, high, high_in)}, got {value}")
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
