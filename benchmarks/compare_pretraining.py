@@ -376,8 +376,9 @@ def step_flops(run_dir, objective):
     if objective == "mlm":
         return mlm_step_flops(mlm_config(recipe, tokenizer), batch, length)
     mask = masking_config(recipe, tokenizer)  # the loop's own mapping, every mask field included
+    rows, length = batch * mask.num_views, length // mask.num_views  # views: each block is V rows of L/V tokens
     num_target, _, num_context, _ = mask.counts(length)
-    return jepa_step_flops(jepa_config(recipe, tokenizer), batch, length, mask.num_masks, num_context, num_target)
+    return jepa_step_flops(jepa_config(recipe, tokenizer), rows, length, mask.num_masks, num_context, num_target)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ step() {
 
 if ((DRY_RUN)); then
     DEVICE=cpu
-    THROUGHPUT_ARGS=(--configs h256L4 --vocabs 512 --precisions bf16 --batch 2 --seq 32 --rounds 1 --steps 1
+    THROUGHPUT_ARGS=(--configs h256L4 --vocabs 512 --precisions bf16 --batch 2 --seq 64 --rounds 1 --steps 1
                      --warmup 0 --threads 1 --no-hf-default)
     TRAIN_ARGS=(--set train.max_steps=2 --set train.batch_size=4 --set log.probe_size=8 --set data.num_workers=2
                 --set data.num_proc=1)

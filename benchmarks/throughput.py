@@ -6,9 +6,13 @@
         --batch 32 --seq 512 --rounds 5 --steps 5                  # base size on a GPU (benchmarks/gpu_check.sh)
 
 What one step is (both models, same batch B x L, same fused AdamW, same precision/attention):
-  textjepa: teacher forward (full sequence, no grad) + student forward on the visible tokens +
-            predictor + smooth-L1 loss + backward + AdamW step + EMA teacher update (foreach lerp).
-            Mask: SpanMaskCollator defaults (I-JEPA-like: 30% targets in 4 spans, K=1).
+  textjepa: the trainer's step with a recipe's settings: everything but the encoder sizes (which come
+            from the config, e.g. h256L4) is read from --recipe (default: the recipe of that size,
+            RECIPE_OF_CONFIG: recipes/small.yaml for h256L4): the predictor, the loss terms (token,
+            sentence, cross-view, ...) and the mask section (views, K masks per teacher pass, target
+            ratio, spans), built by the trainer's own batches.masking_config and build.jepa_config.
+            One step = teacher forward (no grad) + student forward on the visible tokens + predictor
+            + losses + backward + AdamW step + EMA teacher update (foreach lerp).
   mlm:      RobertaForMaskedLM forward (logits for all B*L tokens, as HF computes them) + cross
             entropy on 15% masked positions + backward + AdamW step.
             "mlm" = equal settings (dropout 0, same attention kernel); "mlm-hf" = HF's defaults
@@ -25,14 +29,17 @@ not counted; backward = 2 x forward, so a trained part costs 3 x its forward):
   encoder layer weights: P_layer = 4 H^2 + 2 H F          (fused QKV 3H^2, output H^2, MLP 2HF)
   attention scores + weighted sum, per layer, T tokens per row: 2 * 2 * rows * T^2 * H
   encoder forward(rows, T) = 2 * rows * T * n_layers * P_layer + 4 * rows * T^2 * H * n_layers
-  textjepa = 1 x encoder(B, L)                                  teacher, forward only
-           + 3 x encoder(B*K, Nc)                               student on visible tokens
-           + 3 x [2 B K Nc H Hp                                 predictor input projection
+  with V views a block is V rows of L/V tokens (R = B*V rows of T = L/V tokens; V=1: R=B, T=L):
+  textjepa = 1 x encoder(R, T)                                  teacher, forward only
+           + 3 x encoder(R*K, Nc)                               student on visible tokens
+           + 3 x [2 R K Nc H Hp                                 predictor input projection
                   + encoder_p(B*K, Nc + Nt, last layer: Nt queries) predictor layers (width Hp, FFN Fp);
                                                                 the last layer computes the Nt mask tokens'
                                                                 outputs only (Q, output, MLP on Nt rows; K, V
                                                                 on all Nc + Nt; scores Nt x (Nc + Nt))
-                  + 2 B K Nt Hp H]                              output projection, targets only
+                  + 2 R K Nt Hp H]                              output projection, targets only
+             (the predictor terms are 0 with token_loss_weight = span_loss_weight = 0; the pooled
+             heads of the sentence / cross-view targets are a few small MLPs, not counted)
   mlm      = 3 x [encoder(B, L) + 2 B L (H^2 + H V)]            RoBERTa LM head on every token
 (The teacher runs every token through its last layer too: the default sentence target reads them all.)
 "flop ratio" = mlm / textjepa FLOPs per step: the tokens/s ratio that equal MFU would give.
@@ -60,17 +67,25 @@ import torch
 
 from transformers import RobertaForMaskedLM
 
-from textjepa import TextJepaConfig, TextJepaForPreTraining
-from textjepa.masking import MaskingConfig, SpanMaskCollator
+from textjepa import TextJepaForPreTraining
+from textjepa.data import load_tokenizer
+from textjepa.masking import SpanMaskCollator
 from textjepa.modeling_textjepa import per_dimension_std
+from textjepa.training import batches as trainer_batches
 from textjepa.training import build
+from textjepa.training.recipe import load_recipe
 
 CONFIGS = {
     # name: (hidden, layers, heads, ffn)
+    "h128L4": (128, 4, 4, 512),  # mini: the quickstart's encoder
     "h256L4": (256, 4, 4, 1024),
     "h512L8": (512, 8, 8, 2048),
     "h768L12": (768, 12, 12, 3072),  # base size, for a GPU
 }
+# The recipe whose non-size settings (predictor, loss terms, masks) each config's textjepa step uses
+RECIPES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "recipes")
+RECIPE_OF_CONFIG = {"h128L4": "quickstart.yaml", "h256L4": "small.yaml", "h512L8": "small.yaml",
+                    "h768L12": "base.yaml"}
 # Dense bf16 tensor-core peaks from the datasheets, TFLOP/s (no sparsity), matched in this order as
 # substrings of torch.cuda.get_device_name(): the first hit wins, so the specific names come first.
 SPEC_BF16_TFLOPS = (
@@ -87,15 +102,23 @@ PAD_TOKEN_ID = 1
 # ----------------------------------------------------------------------------------------------
 
 
-def make_jepa_batches(vocab, batch, length, count, seed=0, device="cpu"):
-    """count batches of (input_ids (B, L), context_idx (B, 1, Nc), target_idx (B, 1, Nt)), default masks,
-    built on the CPU (the same numbers for every device) and then moved to `device`."""
+def shipped_tokenizer():
+    """The quickstart tokenizer shipped in the package: only its special ids are used (<s>=0 <pad>=1
+    </s>=2 <unk>=3 <mask>=4, as MASK_TOKEN_ID / PAD_TOKEN_ID assume), for the recipe's masks."""
+    return load_tokenizer(trainer_batches.SHIPPED_TOKENIZER)
+
+
+def make_jepa_batches(recipe, vocab, batch, length, count, seed=0, device="cpu"):
+    """count batches as the trainer's collator builds them from the recipe's mask section: input_ids
+    (R, T) with R = B*V rows of T = L/V tokens, context_idx (R, K, Nc), target_idx (R, K, Nt), plus
+    what views add (same_document); built on the CPU (the same numbers for every device), then moved."""
+    masking = trainer_batches.masking_config(recipe, shipped_tokenizer())
     generator = torch.Generator().manual_seed(seed)
     batches = []
     for i in range(count):
-        ids = torch.randint(5, vocab, (batch, length), generator=generator)
-        out = SpanMaskCollator(MaskingConfig(), seed=seed + i)([{"input_ids": row} for row in ids])
-        batches.append(tuple(out[k].to(device) for k in ("input_ids", "context_idx", "target_idx")))
+        ids = torch.randint(5, vocab, (batch, length), generator=generator)  # no separator: one document
+        out = SpanMaskCollator(masking, seed=seed + i)([{"input_ids": row} for row in ids])
+        batches.append({k: v.to(device) for k, v in out.items() if torch.is_tensor(v)})
     return batches
 
 
@@ -123,13 +146,21 @@ def adamw(model):
     return build.adamw(model.parameters(), lr=1e-4, weight_decay=0.01)
 
 
-def build_jepa(size, vocab, attn, length, device="cpu"):
+def recipe_for(size, path=None):
+    """--recipe, or the shipped recipe of this size (RECIPE_OF_CONFIG)."""
+    return load_recipe(path or os.path.join(RECIPES, RECIPE_OF_CONFIG[size]))
+
+
+def build_jepa(size, vocab, attn, length, recipe, device="cpu"):
+    """TextJepaForPreTraining as the trainer builds it from `recipe` (build.jepa_config), with this
+    config's encoder sizes and vocabulary, dropout 0 and the given attention kernel (as for MLM)."""
     hidden, layers, heads, ffn = CONFIGS[size]
-    config = TextJepaConfig(
+    config = build.jepa_config(recipe, shipped_tokenizer())
+    config.update(dict(
         vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
         intermediate_size=ffn, max_position_embeddings=max(512, length), hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=PAD_TOKEN_ID, attn_implementation=attn,
-    )
+        attention_probs_dropout_prob=0.0))
+    config._attn_implementation = attn
     model = TextJepaForPreTraining(config).train()
     model.teacher  # create the EMA teacher now, not inside the first timed step
     model.to(device)  # the teacher follows (TextJepaForPreTraining._apply)
@@ -152,7 +183,8 @@ def autocast(precision, device_type="cpu"):
 
 def device_type(batch):
     """"cpu" or "cuda": where the step's tensors live (autocast needs the device type)."""
-    return batch[0].device.type
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return first.device.type
 
 
 def synchronize(device):
@@ -162,9 +194,8 @@ def synchronize(device):
 
 
 def jepa_step(model, optimizer, batch, precision):
-    input_ids, context_idx, target_idx = batch
     with autocast(precision, device_type(batch)):
-        loss = model(input_ids, context_idx, target_idx).loss
+        loss = model(**batch).loss  # as the trainer calls it
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -207,11 +238,14 @@ def encoder_forward_flops(rows, tokens, hidden, layers, ffn, last_queries=None):
     return (layers - 1) * full + last
 
 
-def jepa_step_flops(config, batch, length, num_masks, num_context, num_target):
+def jepa_step_flops(config, rows, length, num_masks, num_context, num_target):
+    """rows x length: the teacher's input (with views: B*V segments of L/V tokens)."""
     h, hp = config.hidden_size, config.predictor_hidden_size
-    rows = batch * num_masks
-    teacher = encoder_forward_flops(batch, length, h, config.num_hidden_layers, config.intermediate_size)
+    teacher = encoder_forward_flops(rows, length, h, config.num_hidden_layers, config.intermediate_size)
+    rows = rows * num_masks
     student = encoder_forward_flops(rows, num_context, h, config.num_hidden_layers, config.intermediate_size)
+    if config.token_loss_weight == 0 and config.span_loss_weight == 0:  # the forward skips the predictor
+        return teacher + 3 * student
     predictor = (
         2 * rows * num_context * h * hp
         + encoder_forward_flops(rows, num_context + num_target, hp, config.predictor_num_hidden_layers,
@@ -276,9 +310,11 @@ def run_group(size, vocab, precisions, args, log):
     batch, length, device = args.batch, args.seq, args.device
     on_cuda = device.type == "cuda"
     matmul_size = MATMUL_SIZE[device.type]
-    jepa, jepa_opt = build_jepa(size, vocab, args.attn, length, device)
+    recipe = recipe_for(size, args.recipe)
+    jepa, jepa_opt = build_jepa(size, vocab, args.attn, length, recipe, device)
     mlm, mlm_opt = build_mlm(size, vocab, args.attn, length, device=device)
-    variants = [("textjepa", jepa, jepa_opt, jepa_step, make_jepa_batches(vocab, batch, length, 3, device=device))]
+    jepa_batches = make_jepa_batches(recipe, vocab, batch, length, 3, device=device)
+    variants = [("textjepa", jepa, jepa_opt, jepa_step, jepa_batches)]
     mlm_batches = make_mlm_batches(vocab, batch, length, 3, device=device)
     variants.append(("mlm", mlm, mlm_opt, mlm_step, mlm_batches))
     if not args.no_hf_default:
@@ -318,8 +354,9 @@ def run_group(size, vocab, precisions, args, log):
         log(f"  {size} v{vocab} round {round_index + 1}/{args.rounds}: "
             + ", ".join(f"{n}/{p} {statistics.median(t) * 1e3:.0f} ms" for (n, p), t in times.items()))
 
-    _, context_idx, target_idx = variants[0][4][0]
-    jepa_flops = jepa_step_flops(jepa.config, batch, length, *context_idx.shape[1:], target_idx.shape[2])
+    first = jepa_batches[0]  # input_ids (R, T), context_idx (R, K, Nc), target_idx (R, K, Nt)
+    context_idx, target_idx = first["context_idx"], first["target_idx"]
+    jepa_flops = jepa_step_flops(jepa.config, *first["input_ids"].shape, *context_idx.shape[1:], target_idx.shape[2])
     mlm_flops = mlm_step_flops(mlm.config, batch, length)
     device_name, spec_tflops = spec_bf16_tflops(device)
     matmul_flops = 2 * matmul_size**3
@@ -330,6 +367,8 @@ def run_group(size, vocab, precisions, args, log):
         row = {
             "config": size, "vocab": vocab, "precision": precision, "attn": args.attn, "hf_default_attn": hf_attn,
             "device": device.type, "batch": batch, "seq": length, "rounds": args.rounds, "steps_per_round": args.steps,
+            "recipe": os.path.basename(args.recipe or RECIPE_OF_CONFIG[size]),
+            "views": int(first["input_ids"].shape[0] // batch), "num_masks": int(context_idx.shape[1]),
             "num_context": int(context_idx.shape[2]), "num_target": int(target_idx.shape[2]),
             "peak_gflops": peak / 1e9, "matmul_size": matmul_size,
             "textjepa_gflop_per_step": jepa_flops / 1e9, "mlm_gflop_per_step": mlm_flops / 1e9,
@@ -365,10 +404,10 @@ def run_group(size, vocab, precisions, args, log):
 
 
 def jepa_split_step(model, optimizer, batch, precision, clock):
-    """One textjepa step cut into phases (the same calls TextJepaForPreTraining.forward makes, K=1),
-    each closed by clock(phase) so the cost split can be read off."""
-    input_ids, context_idx, target_idx = batch
-    context_idx, target_idx = context_idx[:, 0], target_idx[:, 0]  # (B, Nc), (B, Nt)
+    """One textjepa step cut into phases: the token path only (the first of the K masks, no pooled
+    sentence / cross-view targets), each closed by clock(phase) so the cost split can be read off."""
+    input_ids = batch["input_ids"]
+    context_idx, target_idx = batch["context_idx"][:, 0], batch["target_idx"][:, 0]  # (R, Nc), (R, Nt)
     with autocast(precision, device_type(batch)):
         targets = model.compute_targets(input_ids, None, target_idx)  # (B, Nt, H)
         clock("teacher forward")
@@ -402,9 +441,10 @@ def mlm_split_step(model, optimizer, batch, precision, clock):
 def cost_split(size, vocab, precision, args, steps=6):
     """Median milliseconds per phase over `steps` steps of textjepa and of the equal-settings MLM."""
     device = args.device
-    jepa, jepa_opt = build_jepa(size, vocab, args.attn, args.seq, device)
+    recipe = recipe_for(size, args.recipe)
+    jepa, jepa_opt = build_jepa(size, vocab, args.attn, args.seq, recipe, device)
     mlm, mlm_opt = build_mlm(size, vocab, args.attn, args.seq, device=device)
-    jepa_batches = make_jepa_batches(vocab, args.batch, args.seq, 2, device=device)
+    jepa_batches = make_jepa_batches(recipe, vocab, args.batch, args.seq, 2, device=device)
     mlm_batches = make_mlm_batches(vocab, args.batch, args.seq, 2, device=device)
     variants = (
         ("textjepa", jepa, jepa_opt, jepa_split_step, jepa_batches),
@@ -485,11 +525,14 @@ def environment(device=None):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="h256L4, vocab 8192, 2 rounds: a ~1-2 minute check")
-    parser.add_argument("--configs", default="h256L4,h512L8", help=f"comma list of {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default="h128L4,h256L4", help=f"comma list of {sorted(CONFIGS)}")
     parser.add_argument("--vocabs", default="30522,8192")
     parser.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32, bf16 (autocast)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                         help="where models and batches live (auto: cuda when available)")
+    parser.add_argument("--recipe", default=None,
+                        help="recipe whose predictor, loss terms and masks the textjepa step uses (default: "
+                             "the shipped recipe of each config's size, RECIPE_OF_CONFIG)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="attention kernel, both models")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1, help="timed steps per variant per round")

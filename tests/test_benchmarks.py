@@ -18,11 +18,32 @@ def test_throughput_smoke(tmp_path, capsys):
 
     out = tmp_path / "throughput.json"
     throughput.main(["--configs", "h256L4", "--vocabs", "8192", "--precisions", "fp32", "--rounds", "1",
-                     "--warmup", "0", "--batch", "2", "--seq", "32", "--no-hf-default", "--json", str(out)])
+                     "--warmup", "0", "--batch", "2", "--seq", "64", "--no-hf-default", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert rows and rows[0]["ratio_vs_mlm"] > 0 and rows[0]["textjepa_mfu"] > 0
     assert "| h256L4" in capsys.readouterr().out
     assert rows[0]["device"] == "cpu" and rows[0]["flop_ratio"] > 1 and "textjepa_peak_mem_gb" not in rows[0]
+    # the textjepa step runs the size's shipped recipe: small.yaml's four views and one mask per teacher pass
+    assert (rows[0]["recipe"], rows[0]["views"], rows[0]["num_masks"]) == ("small.yaml", 4, 1)
+
+
+def test_throughput_batches_and_flops_follow_the_recipe():
+    """The collator's batches of a recipe (quickstart: 4 views, 2 masks): B x L blocks become B*4 rows of
+    L/4 tokens with K=2 masks each; views cut the attention FLOPs, a token-free objective drops the predictor."""
+    import throughput
+
+    from textjepa.training.recipe import load_recipe
+
+    batch = throughput.make_jepa_batches(load_recipe(RECIPES / "quickstart.yaml"), 100, 2, 64, 1)[0]
+    assert batch["input_ids"].shape == (8, 16) and batch["context_idx"].shape[:2] == (8, 2)
+    assert batch["target_idx"].shape[:2] == (8, 2) and batch["same_document"].shape == (8,)
+    model, _ = throughput.build_jepa("h128L4", 100, "sdpa", 64, load_recipe(RECIPES / "quickstart.yaml"))
+    config = model.config
+    assert (config.hidden_size, config.predictor_hidden_size, config.cross_view_loss_weight) == (128, 64, 3.0)
+    one_row = throughput.jepa_step_flops(config, 2, 64, 1, 44, 20)
+    assert throughput.jepa_step_flops(config, 8, 16, 1, 11, 5) < one_row  # same tokens, shorter rows
+    config.token_loss_weight = config.span_loss_weight = 0.0
+    assert throughput.jepa_step_flops(config, 2, 64, 1, 44, 20) < one_row
 
 
 def test_throughput_flops_and_device_helpers():

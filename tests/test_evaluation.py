@@ -324,6 +324,20 @@ def test_corpus_is_never_subsampled_without_the_flag(bert_dir, data_dir):
     assert "toy (corpus subsampled to 6 docs) retrieval ndcg_at_10 (test)" in small["table"]
 
 
+def test_suite_hybrid_bm25_column(bert_dir, data_dir):
+    """--hybrid-bm25: a retrieval-only "BM25 + model" column whose weight was chosen on validation; the
+    weight cannot be chosen without validation queries."""
+    from textjepa.evaluation.suite import run_suite
+
+    report = run_suite([str(bert_dir)], data_dir, max_examples=30, show_progress=False, hybrid_bm25=True)
+    assert report["models"] == [str(bert_dir), f"BM25 + {bert_dir}"]
+    (hybrid,) = report["results"][f"BM25 + {bert_dir}"]["tasks"]
+    assert hybrid["mode"] == "retrieval" and hybrid["num_documents"] == 16
+    assert hybrid["weight"] in hybrid["validation_ndcg_by_weight"] and set(hybrid) >= {"validation", "test"}
+    with pytest.raises(ValueError, match="validation"):
+        run_suite([str(bert_dir)], data_dir, max_examples=30, show_progress=False, hybrid_bm25=True, split="test")
+
+
 # ---------------------------------------------------------------- lexical baselines, metrics libraries, intervals
 def _write_pair_task(root):
     """Sentence 2 keeps the first k of sentence 1's 8 words (gold score k): every word and bigram is equally
@@ -355,6 +369,40 @@ def test_lexical_baselines_known_answers(data_dir, tmp_path):
     for rank in (baselines.bm25_retrieval, baselines.tfidf_retrieval):
         result = rank(corpus, queries, qrels, name="unique")
         assert result["test"]["recall_at_1"] == 100.0 and result["test"]["ndcg_at_10"] == 100.0, rank.__name__
+
+
+class _LookupEncoder:
+    """Known vectors for the hybrid test: document d{i} is one-hot i; query "z{i}" (no word shared with
+    any document) points at d{i}, query "u{i}" (d{i}'s own word) points at the wrong d{i+1}."""
+
+    name = "lookup"
+
+    def encode(self, texts):
+        vectors = np.zeros((len(texts), 10), dtype=np.float32)
+        for row, text in enumerate(texts):
+            word = text.split()[0]
+            vectors[row, (int(word[1:]) + (word[0] == "u" and len(text.split()) == 1)) % 10] = 1.0
+        return vectors
+
+
+def test_hybrid_bm25_dense_fixes_what_each_ranker_misses():
+    """BM25 finds the even queries (lexical), the encoder the odd ones (no shared word): any dense share
+    w in (0, 0.5] finds all; w is chosen on validation (the smallest best), then read on test."""
+    from textjepa.evaluation import baselines
+
+    corpus = {f"d{i}": f"u{i} v{i} common text" for i in range(10)}
+    queries = {f"q{i}": (f"u{i}" if i % 2 == 0 else f"z{i}") for i in range(10)}
+    qrels = {f"q{i}": {f"d{i}": 1} for i in range(10)}
+    by_split = {"validation": {q: qrels[q] for q in ("q0", "q1", "q2", "q3")},
+                "test": {q: qrels[q] for q in ("q4", "q5", "q6", "q7", "q8", "q9")}}
+    result = baselines.hybrid_retrieval(_LookupEncoder(), corpus, queries, by_split, name="fusion")
+    assert result["weight"] == 0.1 and result["model"] == "BM25 + lookup"
+    assert result["test"]["ndcg_at_10"] == 100.0 and result["validation"]["ndcg_at_10"] == 100.0
+    by_weight = result["validation_ndcg_by_weight"]
+    assert all(by_weight[w] == 100.0 for w in (0.1, 0.2, 0.3, 0.4))
+    assert by_weight[0.0] < 100.0 and by_weight[0.6] < 100.0 and by_weight[1.0] < 100.0  # (0.5: a tie)
+    with pytest.raises(ValueError, match="validation"):
+        baselines.hybrid_retrieval(_LookupEncoder(), corpus, queries, {"test": qrels})
 
 
 def test_probe_uses_sparse_tfidf_features_unscaled(data_dir):

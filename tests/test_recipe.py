@@ -184,3 +184,11 @@ def test_checkpoint_listing_prune_and_commit(tmp_path):
     assert [p.name for p in ckpt.prune_checkpoints(tmp_path, 2)] == ["checkpoint-00000005"]
     assert ckpt.remove_stale_tmp(tmp_path) == [half_written] and not half_written.exists()
     assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_unquoted_no_in_yaml_is_the_string_no(tmp_path):
+    """PyYAML reads `mixed_precision: no` (and `--set train.mixed_precision=no`) as False: a choice
+    that includes "no" takes it as "no"."""
+    recipe = load_recipe(write(tmp_path, "train:\n  mixed_precision: no\n"), overrides=["train.export=no"])
+    assert recipe.train.mixed_precision == "no" and recipe.train.export is False
+    assert load_recipe(write(tmp_path, "train: {}\n"), overrides=["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -352,6 +352,29 @@ def test_precision_comes_from_the_launcher_unless_the_recipe_sets_it(tiny_data, 
                        "set it to null to use the launcher's)")
 
 
+def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(tiny_data, tmp_path, monkeypatch):
+    """train.mixed_precision auto: the launcher's when there is one (no override line); without one bf16
+    (with the eager attention kernel on the CPU) where loop.native_bf16 says the hardware has it, fp32
+    ("no") elsewhere."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(loop, "native_bf16", lambda cpu: False)
+    assert loop.resolve_precision("auto", cpu=True) == "no"
+    assert loop.resolve_precision(None, cpu=True) is None and loop.resolve_precision("fp16", cpu=True) == "fp16"
+    monkeypatch.setattr(loop, "native_bf16", lambda cpu: True)
+    assert loop.resolve_precision("auto", cpu=True) == "bf16"
+    said = []
+    summary = loop.train(tiny_recipe(tiny_data, tmp_path / "auto", **{"train.max_steps": 1,
+                                                                      "train.mixed_precision": "auto"}),
+                         announce=said.append)
+    assert summary["mixed_precision"] == "bf16" and any("with eager attention" in line for line in said)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    said = []
+    launched = loop.train(tiny_recipe(tiny_data, tmp_path / "launched", **{"train.max_steps": 1,
+                                                                           "train.mixed_precision": "auto"}),
+                          announce=said.append)
+    assert launched["mixed_precision"] == "no" and not any("overrides" in line for line in said)
+
+
 def test_cli_reports_bad_recipe(tmp_path, capsys):
     from textjepa.train import main
 

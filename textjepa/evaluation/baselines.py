@@ -8,6 +8,8 @@ TF-IDF:  scikit-learn TfidfVectorizer(word uni+bigrams, sublinear tf, min_df 2),
 BM25:    bm25s (Lucene's BM25 variant, k1 0.9, b 0.4 as Anserini/Pyserini) over the whole corpus;
          tokenisation: lower-case, scikit-learn's word pattern (?u)\\b\\w\\w+\\b, bm25s' English stop
          words, no stemming. Retrieval only.
+Hybrid:  BM25 + an encoder (hybrid_retrieval): each ranker's scores over the whole corpus, min-max
+         normalised per query, mixed as (1 - w) * BM25 + w * dense, w chosen on the validation queries.
 """
 
 import time
@@ -92,21 +94,69 @@ def _top_k(scores, k):
     return np.take_along_axis(part, order, axis=1)
 
 
-def bm25_retrieval(corpus, queries, qrels_by_split, k=100, name=""):
-    """BM25 (bm25s) over the whole corpus; settings and tokenisation in the module docstring."""
+def _bm25(doc_texts):
+    """(bm25s index of the texts, the tokenizer to use for queries); settings in the module docstring."""
     try:
         import bm25s
     except ImportError as error:
         raise ImportError("--baseline bm25 needs the bm25s package: pip install bm25s") from error
-    start = time.time()
-    doc_ids = list(corpus)
-    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
-    retriever = bm25s.BM25(**BM25_SETTINGS)
+
     def tokenize(texts):
         return bm25s.tokenize(texts, show_progress=False, return_ids=False, **BM25_TOKENS)
 
-    retriever.index(tokenize([corpus[d] for d in doc_ids]), show_progress=False)
+    retriever = bm25s.BM25(**BM25_SETTINGS)
+    retriever.index(tokenize(doc_texts), show_progress=False)
+    return retriever, tokenize
+
+
+def bm25_retrieval(corpus, queries, qrels_by_split, k=100, name=""):
+    """BM25 (bm25s) over the whole corpus; settings and tokenisation in the module docstring."""
+    start = time.time()
+    doc_ids = list(corpus)
+    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
+    retriever, tokenize = _bm25([corpus[d] for d in doc_ids])
     top, _ = retriever.retrieve(tokenize([queries[q] for q in query_ids]), k=min(k, len(doc_ids)),
                                 show_progress=False, n_threads=1)
     rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top.tolist())}
     return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["bm25"], name, start)
+
+
+HYBRID_WEIGHTS = tuple(i / 10 for i in range(11))  # the dense share w: 0 is BM25 alone, 1 the encoder alone
+
+
+def _min_max(scores):
+    """(q, N) -> each row mapped onto [0, 1] (a constant row -> zeros)."""
+    low, high = scores.min(axis=1, keepdims=True), scores.max(axis=1, keepdims=True)
+    return (scores - low) / np.where(high > low, high - low, 1.0)
+
+
+def hybrid_retrieval(encoder, corpus, queries, qrels_by_split, weights=HYBRID_WEIGHTS, k=100, name="",
+                     query_chunk=256):
+    """BM25 + `encoder` over the whole corpus: per query both rankers score every document, each score
+    vector is min-max normalised to [0, 1] and the two are mixed as (1 - w) * BM25 + w * dense (the
+    convex combination that Bruch et al., "An Analysis of Fusion Functions for Hybrid Retrieval", find
+    at least as good as reciprocal-rank fusion). w is chosen on the "validation" queries (best nDCG@10,
+    ties to the smaller w); the result holds that w's metrics on every split, "weight", and the
+    validation nDCG@10 of every w ("validation_ndcg_by_weight")."""
+    if "validation" not in qrels_by_split:
+        raise ValueError("hybrid_retrieval: the BM25 / dense weight is chosen on validation queries; "
+                         f"qrels_by_split has only {sorted(qrels_by_split)}")
+    start = time.time()
+    doc_ids = list(corpus)
+    query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
+    retriever, tokenize = _bm25([corpus[d] for d in doc_ids])
+    query_tokens = tokenize([queries[q] for q in query_ids])
+    corpus_embeddings = encoder.encode([corpus[d] for d in doc_ids])  # (N, H) np.ndarray
+    query_embeddings = encoder.encode([queries[q] for q in query_ids])  # (Q, H)
+    top = {w: [] for w in weights}
+    for q0 in range(0, len(query_ids), query_chunk):
+        lexical = _min_max(np.stack([retriever.get_scores(tokens) for tokens in query_tokens[q0:q0 + query_chunk]]))
+        dense = _min_max(query_embeddings[q0:q0 + query_chunk] @ corpus_embeddings.T)  # (q, N), as search ranks
+        for w in weights:
+            top[w].extend(_top_k((1 - w) * lexical + w * dense, min(k, len(doc_ids))).tolist())
+    results = {w: retrieval_result({q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top[w])},
+                                   qrels_by_split, len(doc_ids), f"BM25 + {encoder.name}", name, start)
+               for w in weights}
+    by_weight = {w: results[w]["validation"]["ndcg_at_10"] for w in weights}
+    best = max(weights, key=lambda w: (by_weight[w], -w))
+    return dict(results[best], weight=best, validation_ndcg_by_weight=by_weight, seconds=time.time() - start)

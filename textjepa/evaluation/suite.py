@@ -3,7 +3,7 @@
     textjepa evaluate --model DIR [--model DIR2 ...] --data-dir ../shared/data [--output results.json]
                       [--baseline tfidf] [--baseline bm25] [--split validation|test|both]
                       [--whiten-on FILE_OR_GLOB [--whiten-max-docs N] [--token-weights sif]]
-                      [--max-examples N] [--subsample-corpus N]
+                      [--max-examples N] [--subsample-corpus N] [--hybrid-bm25]
 
 Finds every folder with a task.json (GLUE-style: linear probe on frozen embeddings, plus zero-shot
 STS for sentence-pair score tasks) and every BEIR folder (corpus.jsonl + queries.jsonl + qrels/),
@@ -21,6 +21,9 @@ full results as JSON. `run_suite()` is the same thing as a function for benchmar
   "+whitened" column beside each raw one; with --token-weights sif that column also pools with SIF token
   weights counted on the same text ("+sif+whitened"). A model directory with whitening.safetensors or
   token_weights.safetensors is used as shipped.
+- --hybrid-bm25 adds a retrieval-only "BM25 + model" column beside each model column: both rankers score
+  the whole corpus, min-max normalised per query, mixed as (1 - w) BM25 + w dense with w chosen on the
+  validation queries (baselines.hybrid_retrieval); the chosen w is in the JSON ("weight").
 """
 
 import argparse
@@ -88,13 +91,16 @@ def column_titles(columns):
 
 def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", batch_size=64, max_length=None,
               show_progress=True, device=None, baselines=(), split="both", subsample_corpus_size=None,
-              whiten_on=None, whiten_max_docs=10_000, token_weights="none"):
+              whiten_on=None, whiten_max_docs=10_000, token_weights="none", hybrid_bm25=False):
     """Evaluate each model (and each lexical baseline) on every task under data_dir
     -> {"models": [column names], "results": {column: {"tasks": [...], "seconds": s}}, "table": str}."""
     splits = SPLIT_CHOICES[split]
     if token_weights not in TOKEN_WEIGHTS or (token_weights != "none" and not whiten_on):
         raise ValueError(f"token_weights={token_weights!r}: expected one of {TOKEN_WEIGHTS}, and --whiten-on "
                          "(the unlabeled text the weights are counted on) with 'sif'")
+    if hybrid_bm25 and "validation" not in splits:
+        raise ValueError("hybrid_bm25: the BM25 / dense weight is chosen on the validation queries; use split "
+                         "'both' or 'validation'")
     unknown = [b for b in baselines if b not in lexical.BASELINES]
     if unknown:
         raise ValueError(f"baseline {unknown[0]!r}: expected one of {lexical.BASELINES}")
@@ -138,6 +144,9 @@ def run_suite(models, data_dir, output=None, max_examples=None, pooling="mean", 
             columns.append(whitened)
         for column in columns:
             add_column(column.name, lambda: evaluate_encoder(column, specs, beir_sets, splits, show_progress))
+        for column in columns if hybrid_bm25 else []:  # retrieval only: (1 - w) BM25 + w this encoder
+            add_column(f"BM25 + {column.name}", lambda: [lexical.hybrid_retrieval(column, corpus, queries, by_split, name=name)
+                                                        for name, corpus, queries, by_split in beir_sets])
     for baseline in baselines:
         if show_progress:
             print(f"[{lexical.COLUMN_NAMES[baseline]}] baseline", flush=True)
@@ -284,6 +293,9 @@ def build_parser():
                    help="cap every probe split and each retrieval query set (never the corpus)")
     p.add_argument("--baseline", action="append", default=[], choices=lexical.BASELINES,
                    help="add a lexical baseline column (repeat: --baseline tfidf --baseline bm25)")
+    p.add_argument("--hybrid-bm25", action="store_true",
+                   help="retrieval only: add a 'BM25 + model' column per model column, (1 - w) BM25 + w dense on "
+                        "min-max normalised scores, w chosen on the validation queries")
     p.add_argument("--split", default="both", choices=sorted(SPLIT_CHOICES),
                    help="which figures to compute: validation (for choices), test (for the record) or both")
     p.add_argument("--subsample-corpus", type=int, default=None, metavar="N",
@@ -320,7 +332,8 @@ def main(argv=None):
                        pooling=args.pooling, batch_size=args.batch_size, max_length=args.max_length,
                        show_progress=not args.quiet, device=args.device, baselines=args.baseline, split=args.split,
                        subsample_corpus_size=args.subsample_corpus, whiten_on=args.whiten_on,
-                       whiten_max_docs=args.whiten_max_docs, token_weights=args.token_weights)
+                       whiten_max_docs=args.whiten_max_docs, token_weights=args.token_weights,
+                       hybrid_bm25=args.hybrid_bm25)
     print(report["table"])
     if args.output:
         print(f"results written to {args.output}")

@@ -11,6 +11,7 @@ so that every process takes the same stop decisions (NaN guard, collapse guard, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -59,12 +60,44 @@ def _weights_finite(accelerator, unwrapped) -> bool:
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its config / flag
 
 
+def native_bf16(cpu: bool) -> bool:
+    """Does this machine run bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with AMX tiles
+    (oneDNN's bf16 kernels; measured in benchmarks/README.md). CPUs with AVX512-BF16 but no AMX are
+    left at fp32: unmeasured."""
+    if not cpu:
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_precision(chosen, cpu: bool):
+    """train.mixed_precision as accelerate takes it: None leaves it to $ACCELERATE_MIXED_PRECISION
+    (accelerate's own default "no" without a launcher); "auto" is the launcher's too, and without one
+    bf16 where native_bf16, else "no"; no/bf16/fp16 as given."""
+    if chosen != "auto":
+        return chosen
+    if os.environ.get(LAUNCHER_PRECISION_ENV):
+        return None
+    return "bf16" if native_bf16(cpu) else "no"
+
+
+def auto_attention(recipe, accelerator):
+    """train.mixed_precision auto on a CPU that runs bf16, with model.attn_implementation left null: the
+    recipe with the eager attention kernel, which there gives 1.2-2x the tokens/s of SDPA (torch's CPU
+    kernel is slow in bf16 at these head sizes: benchmarks/README.md). Otherwise the recipe unchanged.
+    attn_implementation is a run-time choice, not saved in the export's config.json."""
+    if (recipe.objective == "jepa" and recipe.train.mixed_precision == "auto"
+            and recipe.model.attn_implementation is None and accelerator.mixed_precision == "bf16"
+            and accelerator.device.type == "cpu"):
+        return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, attn_implementation="eager"))
+    return recipe
+
+
 def precision_conflict(recipe) -> str | None:
     """One line when the recipe's train.mixed_precision differs from the launcher's, else None. The
-    recipe wins (an explicit setting is the more specific one); null in the recipe takes the
-    launcher's, and without a launcher accelerate's default "no" (fp32)."""
+    recipe wins (an explicit setting is the more specific one); null and "auto" in the recipe take the
+    launcher's, and without a launcher accelerate's default "no" (fp32) / native bf16 (resolve_precision)."""
     chosen, launched = recipe.train.mixed_precision, os.environ.get(LAUNCHER_PRECISION_ENV)
-    if chosen is None or launched is None or launched.lower() == chosen:
+    if chosen in (None, "auto") or launched is None or launched.lower() == chosen:
         return None
     return (f"train.mixed_precision={chosen} overrides the launcher's mixed_precision={launched.lower()} "
             f"(the recipe wins; set it to null to use the launcher's)")
@@ -100,7 +133,7 @@ def make_accelerator(recipe):
         _fsdp_over_gloo()
     return Accelerator(
         cpu=cpu,
-        mixed_precision=t.mixed_precision,  # None: $ACCELERATE_MIXED_PRECISION, else "no"
+        mixed_precision=resolve_precision(t.mixed_precision, cpu),  # None: $ACCELERATE_MIXED_PRECISION, else "no"
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
@@ -459,7 +492,10 @@ def _train(recipe, resume, model, announce, cleanup):
 
     setup_start = time.perf_counter()
     data = training_data(recipe, accelerator, output_dir)
-    model, optimizer, unwrapped = _prepare_model(recipe, data, accelerator, model)
+    model_recipe = auto_attention(recipe, accelerator)
+    if model_recipe is not recipe:
+        say("train.mixed_precision auto: bf16 autocast with eager attention (this CPU has AMX)")
+    model, optimizer, unwrapped = _prepare_model(model_recipe, data, accelerator, model)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)

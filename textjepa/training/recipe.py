@@ -154,9 +154,11 @@ class TrainSection:
     grad_accum: int = 1
     seed: int = 0
     # null: what `accelerate launch` was given (its config file / --mixed_precision, i.e. the
-    # ACCELERATE_MIXED_PRECISION it sets; "no" = fp32 without a launcher). A value here wins over the
-    # launcher's, and the run says so in one line when they differ (loop.resolve_precision).
-    mixed_precision: Optional[Literal["no", "bf16", "fp16"]] = None
+    # ACCELERATE_MIXED_PRECISION it sets; "no" = fp32 without a launcher). "auto": the launcher's too,
+    # and without one bf16 where the hardware runs it natively (a CUDA GPU with bf16, a CPU with AMX or
+    # AVX512-BF16), else fp32 (loop.resolve_precision). no/bf16/fp16 win over the launcher's, and the
+    # run says so in one line when they differ (loop.precision_conflict).
+    mixed_precision: Optional[Literal["no", "bf16", "fp16", "auto"]] = None
     cpu: bool = False
     threads: Optional[int] = None
     save_every: int = 500
@@ -250,6 +252,8 @@ def _coerce(value: Any, tp, where: str) -> Any:
                 if not str(err).startswith(f"{where}: "):
                     raise  # the container matched and one of its items is wrong: name the item
     elif origin is Literal:
+        if isinstance(value, bool) and ("yes" if value else "no") in typing.get_args(tp):
+            return "yes" if value else "no"  # YAML 1.1 reads an unquoted no / yes as a boolean
         if value in typing.get_args(tp):
             return value
     elif origin is list:
