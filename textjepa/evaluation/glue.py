@@ -336,7 +336,7 @@ class Finetuning:
         for a head of the wrong size become one line naming our flag."""
         from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-        from textjepa.evaluation.embedding import check_model_dir
+        from textjepa.evaluation.model_dir import check_model_dir
         from textjepa.evaluation.whitening import load_token_weights, load_whitening
 
         spec, args = self.spec, self.args
@@ -403,7 +403,7 @@ class Finetuning:
         from torch.utils.data import DataLoader
         from transformers import DataCollatorWithPadding
 
-        from textjepa.evaluation.embedding import default_max_length
+        from textjepa.evaluation.model_dir import default_max_length
 
         args, spec = self.args, self.spec
         # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
