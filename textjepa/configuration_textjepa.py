@@ -5,6 +5,8 @@ saved `TextJepaModel` directory carries the whole config (predictor fields inclu
 ignored by the encoder and let a pretraining run be rebuilt from any export.
 """
 
+import math
+import re
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -24,6 +26,60 @@ _BASE_CONFIG_KWARGS = {
     "custom_pipelines",
     "model_type",
     "transformers_version",
+}
+
+
+class SettingError(ValueError):
+    """A setting that fails its check, raised by the config classes (TextJepaConfig, masking.MaskingConfig).
+
+    field: the setting; reason: what is wrong, naming any other setting it involves as {name}. str() names
+    them as the config does ("TextJepaConfig: hidden_size: 100 is not divisible by num_attention_heads=3");
+    named(key) spells each setting as the caller knows it (the recipe: "model.hidden_size: ... by
+    model.num_attention_heads=3"), so a check lives in its config and every caller reports it in its terms.
+    """
+
+    def __init__(self, owner, field, reason):
+        self.owner, self.field, self.reason = owner, field, reason
+        super().__init__(f"{owner}: {self.named()}")
+
+    def named(self, key=lambda name: name):
+        return f"{key(self.field)}: " + re.sub(r"\{(\w+)\}", lambda match: key(match.group(1)), self.reason)
+
+    def __reduce__(self):  # pickles (across processes) with its three arguments
+        return type(self), (self.owner, self.field, self.reason)
+
+
+def range_problem(value, bounds):
+    """None when `value` lies in bounds = (low, low_inclusive, high, high_inclusive) (high None: no upper
+    bound), else the reason, e.g. "expected a number in (0, 1), got 1.5". NaN and Inf fail every range.
+    The one range check of every setting: the configs' fields and the recipe's other keys."""
+    low, low_inclusive, high, high_inclusive = bounds
+    ok = math.isfinite(value) and (value >= low if low_inclusive else value > low)
+    if high is not None:
+        ok = ok and (value <= high if high_inclusive else value < high)
+    if ok:
+        return None
+    if high is None:
+        expected = f"a number {'>=' if low_inclusive else '>'} {low}"
+    else:
+        expected = f"a number in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+    return f"expected {expected}, got {value}"
+
+
+# Ranges as (low, low_inclusive, high, high_inclusive); high None = unbounded.
+POSITIVE, NON_NEGATIVE, AT_LEAST_ONE = (0, False, None, False), (0, True, None, False), (1, True, None, False)
+UNIT_OPEN, UNIT_RIGHT_OPEN, UNIT_CLOSED = (0, False, 1, False), (0, True, 1, False), (0, True, 1, True)
+# TextJepaConfig's numeric fields that have a range (validate_architecture checks them, in this order)
+RANGES = {
+    "hidden_size": AT_LEAST_ONE, "num_hidden_layers": AT_LEAST_ONE, "num_attention_heads": AT_LEAST_ONE,
+    "intermediate_size": AT_LEAST_ONE, "max_position_embeddings": AT_LEAST_ONE,
+    "hidden_dropout_prob": UNIT_RIGHT_OPEN, "attention_probs_dropout_prob": UNIT_RIGHT_OPEN,
+    "predictor_hidden_size": AT_LEAST_ONE, "predictor_num_hidden_layers": AT_LEAST_ONE,
+    "predictor_num_attention_heads": AT_LEAST_ONE, "target_num_layers": AT_LEAST_ONE, "smooth_l1_beta": POSITIVE,
+    "variance_reg_weight": NON_NEGATIVE, "sentence_loss_weight": NON_NEGATIVE, "token_loss_weight": NON_NEGATIVE,
+    "span_loss_weight": NON_NEGATIVE, "cross_view_loss_weight": NON_NEGATIVE, "bottleneck_loss_weight": NON_NEGATIVE,
+    "context_loss_weight": NON_NEGATIVE, "pooled_reg_weight": NON_NEGATIVE, "sigreg_num_slices": AT_LEAST_ONE,
+    "ema_momentum_start": UNIT_CLOSED, "ema_momentum_end": UNIT_CLOSED,
 }
 
 
@@ -154,37 +210,25 @@ class TextJepaConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
-        """Shape and range checks that a typo in a recipe would otherwise turn into a cryptic error."""
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"TextJepaConfig: hidden_size ({self.hidden_size}) must be a multiple of "
-                f"num_attention_heads ({self.num_attention_heads})"
-            )
-        if self.predictor_hidden_size % self.predictor_num_attention_heads:
-            raise ValueError(
-                f"TextJepaConfig: predictor_hidden_size ({self.predictor_hidden_size}) must be a multiple of "
-                f"predictor_num_attention_heads ({self.predictor_num_attention_heads})"
-            )
-        if self.position_embedding_type == "rotary":
-            for width, heads, name in (
-                (self.hidden_size, self.num_attention_heads, "hidden_size"),
-                (self.predictor_hidden_size, self.predictor_num_attention_heads, "predictor_hidden_size"),
-            ):
-                if (width // heads) % 2:
-                    raise ValueError(f"TextJepaConfig: rotary positions need an even head size; {name}/heads is odd")
-        if not 1 <= self.target_num_layers <= self.num_hidden_layers:
-            raise ValueError(
-                f"TextJepaConfig: target_num_layers must be in [1, num_hidden_layers={self.num_hidden_layers}], "
-                f"got {self.target_num_layers}"
-            )
-        for name in ("token_loss_weight", "span_loss_weight", "cross_view_loss_weight", "sentence_loss_weight",
-                     "bottleneck_loss_weight", "context_loss_weight", "pooled_reg_weight", "variance_reg_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TextJepaConfig: {name} must be >= 0, got {getattr(self, name)}")
-        if self.sigreg_num_slices < 1:
-            raise ValueError(f"TextJepaConfig: sigreg_num_slices must be >= 1, got {self.sigreg_num_slices}")
-        if not 0.0 <= self.ema_momentum_start <= 1.0 or not 0.0 <= self.ema_momentum_end <= 1.0:
-            raise ValueError("TextJepaConfig: ema_momentum_start and ema_momentum_end must lie in [0, 1]")
+        """Every field's range (RANGES), then the checks between fields: a typo in a recipe fails here, named,
+        instead of as a cryptic error later. Raises SettingError (huggingface_hub's strict dataclass wraps it
+        when it runs at init); the recipe turns it into an error that names its own key."""
+        for name, bounds in RANGES.items():
+            reason = range_problem(getattr(self, name), bounds)
+            if reason:
+                raise SettingError("TextJepaConfig", name, reason)
+        for width, heads in (("hidden_size", "num_attention_heads"),
+                             ("predictor_hidden_size", "predictor_num_attention_heads")):
+            width_value, heads_value = getattr(self, width), getattr(self, heads)
+            if width_value % heads_value:
+                raise SettingError("TextJepaConfig", width,
+                                   f"{width_value} is not divisible by {{{heads}}}={heads_value}")
+            if self.position_embedding_type == "rotary" and (width_value // heads_value) % 2:
+                raise SettingError("TextJepaConfig", "position_embedding_type",
+                                   f"rotary positions need an even head size; {{{width}}}/{{{heads}}} is odd")
+        if self.target_num_layers > self.num_hidden_layers:
+            raise SettingError("TextJepaConfig", "target_num_layers", f"expected at most {{num_hidden_layers}}="
+                               f"{self.num_hidden_layers}, got {self.target_num_layers}")
 
 
-__all__ = ["TextJepaConfig"]
+__all__ = ["TextJepaConfig", "SettingError", "range_problem"]

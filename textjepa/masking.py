@@ -52,6 +52,14 @@ from typing import Literal
 import numpy as np
 import torch
 
+from textjepa.configuration_textjepa import (
+    AT_LEAST_ONE,
+    UNIT_OPEN,
+    UNIT_RIGHT_OPEN,
+    SettingError,
+    range_problem,
+)
+
 SPAN_LENGTH_DISTRIBUTIONS = ("uniform", "geometric", "poisson")
 
 
@@ -73,43 +81,50 @@ class MaskingConfig:
     views: Literal["none", "document_halves"] = "none"  # "document_halves": segment_ids per half document piece (see the module doc)
 
     def __post_init__(self):
+        """Checks each field (SettingError, named; the recipe reports it as mask.<field>)."""
         self.special_token_ids = tuple(int(t) for t in (self.special_token_ids or ()))
+
+        def check(name, bounds, integer=False):
+            value = getattr(self, name)
+            if integer and (not isinstance(value, int) or isinstance(value, bool)):
+                raise SettingError("MaskingConfig", name, f"expected int, got {value!r}")
+            reason = range_problem(value, bounds)
+            if reason:
+                raise SettingError("MaskingConfig", name, reason)
+
         if self.views not in ("none", "document_halves"):
-            raise ValueError(f"masking.views must be 'none' or 'document_halves', got {self.views!r}")
+            raise SettingError("MaskingConfig", "views", f"expected 'none' or 'document_halves', got {self.views!r}")
         if self.views != "none" and self.num_views > 1:
-            raise ValueError("masking.views and masking.num_views > 1 are two ways to make views; use one")
+            raise SettingError("MaskingConfig", "views", f"{self.views!r} and {{num_views}}={self.num_views} are two "
+                               "ways to make views; use one")
         if self.views != "none" and self.separator_token_id is None:
-            raise ValueError("masking.views='document_halves' needs separator_token_id (the packer's separator)")
-        if not isinstance(self.num_views, int) or self.num_views < 1 or (self.num_views > 1 and self.num_views % 2):
-            raise ValueError(f"masking.num_views must be 1 or an even int (segments in partner pairs), "
-                             f"got {self.num_views!r}")
-        if not isinstance(self.num_masks, int) or self.num_masks < 1:
-            raise ValueError(f"masking.num_masks must be an int >= 1, got {self.num_masks!r}")
-        if not 0.0 < self.target_ratio < 1.0:
-            raise ValueError(f"masking.target_ratio must be in (0, 1), got {self.target_ratio}")
-        if not 0.0 <= self.extra_context_drop < 1.0:
-            raise ValueError(f"masking.extra_context_drop must be in [0, 1), got {self.extra_context_drop}")
+            raise SettingError("MaskingConfig", "views", f"{self.views!r} needs {{separator_token_id}} (the "
+                               "packer's document separator)")
+        check("num_views", AT_LEAST_ONE, integer=True)
+        if self.num_views > 1 and self.num_views % 2:
+            raise SettingError("MaskingConfig", "num_views", f"expected 1 or an even number (segments in partner "
+                               f"pairs), got {self.num_views}")
+        check("num_masks", AT_LEAST_ONE, integer=True)
+        check("target_ratio", UNIT_OPEN)
+        check("extra_context_drop", UNIT_RIGHT_OPEN)
         if self.target_ratio + self.extra_context_drop >= 1.0:
-            raise ValueError(
-                f"masking.target_ratio + extra_context_drop = {self.target_ratio + self.extra_context_drop} "
-                "leaves no context; it must be < 1"
-            )
+            raise SettingError("MaskingConfig", "target_ratio", f"{self.target_ratio} + {{extra_context_drop}}="
+                               f"{self.extra_context_drop} = {self.target_ratio + self.extra_context_drop} leaves "
+                               "no context; the sum must be < 1")
         if self.span_length_distribution not in SPAN_LENGTH_DISTRIBUTIONS:
-            raise ValueError(
-                f"masking.span_length_distribution must be one of {SPAN_LENGTH_DISTRIBUTIONS}, "
-                f"got {self.span_length_distribution!r}"
-            )
-        if not isinstance(self.min_span_length, int) or self.min_span_length < 1:
-            raise ValueError(f"masking.min_span_length must be an int >= 1, got {self.min_span_length!r}")
-        if self.mean_span_length is None:
-            if not isinstance(self.num_spans, int) or self.num_spans < 1:
-                raise ValueError(
-                    f"masking.num_spans must be an int >= 1 (or set mean_span_length), got {self.num_spans!r}"
-                )
-        elif self.mean_span_length < self.min_span_length:
-            raise ValueError(
-                f"masking.mean_span_length={self.mean_span_length} is below min_span_length={self.min_span_length}"
-            )
+            raise SettingError("MaskingConfig", "span_length_distribution", f"expected one of "
+                               f"{SPAN_LENGTH_DISTRIBUTIONS}, got {self.span_length_distribution!r}")
+        check("min_span_length", AT_LEAST_ONE, integer=True)
+        if self.num_spans is not None:  # used only without mean_span_length, checked either way
+            check("num_spans", AT_LEAST_ONE, integer=True)
+        elif self.mean_span_length is None:
+            raise SettingError("MaskingConfig", "num_spans", "expected an int >= 1 (or set {mean_span_length}), "
+                               "got None")
+        if self.mean_span_length is not None:
+            check("mean_span_length", AT_LEAST_ONE)
+            if self.mean_span_length < self.min_span_length:
+                raise SettingError("MaskingConfig", "mean_span_length", f"{self.mean_span_length} is below "
+                                   f"{{min_span_length}}={self.min_span_length}")
 
     @classmethod
     def ijepa_like(cls, **overrides):

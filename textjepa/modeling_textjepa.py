@@ -581,6 +581,24 @@ def pooled_head(config):
     return nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size))
 
 
+@dataclass
+class _StudentView:
+    """What the student read of a batch, one row per (sequence, mask): row b*K + k of B*K rows; S segments
+    per sequence (1 without segment_ids). The loss terms of TextJepaForPreTraining all start from it."""
+
+    states: torch.Tensor  # (B*K, Nc, H) the student's last hidden states at its visible tokens
+    mask: torch.Tensor | None  # (B*K, Nc) the padding mask there, or None
+    positions: torch.Tensor  # (B*K, Nc) the visible tokens' positions (in their segment)
+    segments: torch.Tensor  # (B*K, Nc) their segment ids (all 0 without segment_ids)
+    target_idx: torch.Tensor  # (B*K, Nt) the hidden tokens' indices in the sequence
+    target_positions: torch.Tensor  # (B*K, Nt)
+    target_segments: torch.Tensor  # (B*K, Nt)
+    pooled: torch.Tensor  # (B*K, S, H) the mean of the visible states of each segment
+    has: torch.Tensor  # (B*K, S) bool: the row saw a token of that segment
+    num_masks: int  # K
+    segmented: bool  # segment_ids were given: attention, prediction and pooling stay within a segment
+
+
 class TextJepaForPreTraining(TextJepaPreTrainedModel):
     """Student encoder (`self.textjepa`), predictor, and an EMA teacher that is deliberately *not* a
     registered submodule: it has no gradients, stays out of `parameters()`/`state_dict()` (so DDP and
@@ -743,48 +761,97 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         #     the two halves of one document piece, partners for the cross-view target;
         #   same_document (B,) bool (masking.num_views): rows 2i and 2i+1 are neighbouring segments of one
         #     block and partners when they come from one document.
-        config = self.config
-        batch, length = input_ids.shape
+        # Steps: 1. the teacher reads the whole sequence, 2. the student reads the visible tokens, 3.-5. the
+        # loss terms compare the two, and the loss is their weighted sum (in the order they are computed).
         if context_idx.dim() == 2:  # one mask per sequence
             context_idx, target_idx = context_idx[:, None], target_idx[:, None]
-        num_masks, num_context, num_target = context_idx.shape[1], context_idx.shape[2], target_idx.shape[2]
-        rows = batch * num_masks
-        use_cross_view = self.view_predictor is not None and (same_document is not None or segment_ids is not None)
-        student_views = use_cross_view and config.cross_view_target == "student"  # LeJEPA-style, no teacher
-        if student_views and segment_ids is not None:
-            raise ValueError("cross_view_target='student' works on mask.num_views segments, not mask.views")
-        use_tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
-        use_sentence = self.sentence_predictor is not None or (use_cross_view and not student_views)
-        use_context = self.context_predictor is not None
-        use_teacher = use_tokens or use_sentence or self.bottleneck_predictor is not None or use_context
+        use = self._parts_in_use(segment_ids, same_document)
+        batch, length = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
         segments = segment_ids if segment_ids is not None else torch.zeros_like(input_ids)  # (B, L)
 
-        # 1. teacher: one full-sequence pass shared by the K masks; targets at the K masks' positions, and
-        #    its mean-pooled embedding of every segment (B, S, H). Skipped when no term reads it.
-        targets = None
-        if use_teacher:
-            wanted = target_idx.reshape(batch, num_masks * num_target)
-            if use_context:  # the visible tokens' targets too, after the hidden ones: (B, K*Nt + K*Nc)
-                wanted = torch.cat([wanted, context_idx.reshape(batch, num_masks * num_context)], dim=1)
-            targets = self.compute_targets(
-                input_ids, attention_mask, wanted,
-                return_sentence=use_sentence, segment_ids=segment_ids, position_ids=position_ids,
-            )
-            if use_sentence:
-                targets, sentence_targets = targets
-            if use_context:
-                context_targets = targets[:, num_masks * num_target:].reshape(rows, num_context, -1)  # (B*K, Nc, H)
-                targets = targets[:, :num_masks * num_target]
-            targets = targets.reshape(rows, num_target, -1)  # (B*K, Nt, H), row b*K + k
+        # 1. teacher: one full-sequence pass shared by the K masks; skipped when no term reads it
+        targets = context_targets = sentence_targets = None
+        if use["teacher"]:
+            targets, context_targets, sentence_targets = self._teacher_targets(
+                input_ids, attention_mask, context_idx, target_idx, segment_ids, position_ids,
+                with_context=use["context"], with_sentence=use["sentence"])
         num_segments = int(segments.max()) + 1
-        teacher_has = torch.zeros(batch, num_segments, dtype=torch.bool, device=input_ids.device)
+        teacher_has = torch.zeros(batch, num_segments, dtype=torch.bool, device=input_ids.device)  # (B, S)
         teacher_has.scatter_(1, segments, True if attention_mask is None else attention_mask.bool())
 
         # 2. student: only the visible tokens, keeping their positions (and segments)
+        student = self._read_context(input_ids, attention_mask, position_ids, segments, context_idx, target_idx,
+                                     segmented=segment_ids is not None, num_segments=num_segments)
+
+        # 3. token level: the predictor at the hidden positions, the pooled bottleneck, the visible tokens
+        terms, predictions, projections = {}, None, None  # terms: unweighted, by name, in the order they are summed
+        if use["tokens"]:
+            predictions, token_terms = self._token_terms(student, targets)
+            terms.update(token_terms)
+        if self.bottleneck_predictor is not None:
+            terms["bottleneck_loss"] = self._bottleneck_loss(student, targets)
+        if use["context"]:  # the visible tokens, read without the hidden part, against the teacher's full read
+            terms["context_loss"] = self.compute_loss(self.context_predictor(student.states), context_targets)
+        # 4. sentence level: from the pooled visible context of each segment
+        if self.sentence_predictor is not None:
+            terms["sentence_loss"] = self._sentence_loss(student, sentence_targets, teacher_has)
+        if use["student_views"]:
+            terms["cross_view_loss"], projections = self._student_cross_view_loss(student, same_document)
+        elif use["cross_view"]:
+            terms["cross_view_loss"] = self._teacher_cross_view_loss(student, sentence_targets, teacher_has,
+                                                                     same_document)
+        # 5. optional guard on the geometry of the pooled student vectors (the segments it saw), or of
+        #    their projections in the teacher-free cross-view term
+        if self.config.pooled_reg != "none" and self.config.pooled_reg_weight > 0:
+            guarded = projections if projections is not None else student.pooled[student.has]  # (M, H)
+            terms["pooled_reg"] = self._pooled_regularizer(guarded)
+        return self._weighted_output(terms, predictions, targets, projections, student)
+
+    def _parts_in_use(self, segment_ids, same_document):
+        """Which terms and passes this batch needs: the config's weights, and the views the collator sent."""
+        config = self.config
+        cross_view = self.view_predictor is not None and (same_document is not None or segment_ids is not None)
+        student_views = cross_view and config.cross_view_target == "student"  # LeJEPA-style, no teacher
+        if student_views and segment_ids is not None:
+            raise ValueError("cross_view_target='student' works on mask.num_views segments, not mask.views")
+        tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
+        sentence = self.sentence_predictor is not None or (cross_view and not student_views)  # the teacher's pooled
+        context = self.context_predictor is not None
+        teacher = tokens or sentence or self.bottleneck_predictor is not None or context
+        return {"cross_view": cross_view, "student_views": student_views, "tokens": tokens, "sentence": sentence,
+                "context": context, "teacher": teacher}
+
+    def _teacher_targets(self, input_ids, attention_mask, context_idx, target_idx, segment_ids, position_ids,
+                         with_context, with_sentence):
+        """One teacher pass over the full sequences (B, L) for all K masks. Returns its targets at the hidden
+        positions (B*K, Nt, H), row b*K + k; at the visible positions (B*K, Nc, H) when with_context (else
+        None); and its mean-pooled embedding of every segment (B, S, H) when with_sentence (else None)."""
+        batch, num_masks, num_target = target_idx.shape
+        num_context = context_idx.shape[2]
+        wanted = target_idx.reshape(batch, num_masks * num_target)
+        if with_context:  # the visible tokens' targets too, after the hidden ones: (B, K*Nt + K*Nc)
+            wanted = torch.cat([wanted, context_idx.reshape(batch, num_masks * num_context)], dim=1)
+        targets = self.compute_targets(
+            input_ids, attention_mask, wanted,
+            return_sentence=with_sentence, segment_ids=segment_ids, position_ids=position_ids,
+        )
+        context_targets = sentence_targets = None
+        if with_sentence:
+            targets, sentence_targets = targets
+        if with_context:
+            context_targets = targets[:, num_masks * num_target:].reshape(batch * num_masks, num_context, -1)
+            targets = targets[:, :num_masks * num_target]
+        return targets.reshape(batch * num_masks, num_target, -1), context_targets, sentence_targets
+
+    def _read_context(self, input_ids, attention_mask, position_ids, segments, context_idx, target_idx, segmented,
+                      num_segments):
+        """The student's pass over the visible tokens of each (sequence, mask): a _StudentView of B*K rows."""
+        batch, num_masks, num_context = context_idx.shape
+        rows = batch * num_masks
         context_idx = context_idx.reshape(rows, num_context)
-        target_idx = target_idx.reshape(rows, num_target)
+        target_idx = target_idx.reshape(rows, target_idx.shape[2])
         row_to_sequence = torch.arange(batch, device=input_ids.device).repeat_interleave(num_masks)[:, None]
         context_ids = input_ids[row_to_sequence, context_idx]  # (B*K, Nc)
         context_mask = attention_mask[row_to_sequence, context_idx] if attention_mask is not None else None
@@ -792,92 +859,94 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         context_segments = segments[row_to_sequence, context_idx]  # (B*K, Nc)
         target_positions = position_ids[row_to_sequence, target_idx]
         target_segments = segments[row_to_sequence, target_idx]  # (B*K, Nt)
-        segmented = segment_ids is not None
-        context_states = self.textjepa(
+        states = self.textjepa(
             context_ids, attention_mask=context_mask, position_ids=context_positions,
             segment_ids=context_segments if segmented else None,
         ).last_hidden_state  # (B*K, Nc, H)
         # the student's idea of each segment from what it sees: (B*K, S, H), and which segments it saw
-        pooled_context, student_counts = segment_means(context_states, context_segments, context_mask, num_segments)
-        student_has = student_counts > 0
+        pooled, counts = segment_means(states, context_segments, context_mask, num_segments)
+        return _StudentView(states, context_mask, context_positions, context_segments, target_idx, target_positions,
+                            target_segments, pooled, counts > 0, num_masks, segmented)
 
-        # 3. predictor: estimate the teacher's states at the target positions (token- and span-level)
-        terms, weighted = {}, []
-        predictions = None
-        if use_tokens:
-            segment_kwargs = dict(context_segments=context_segments, target_segments=target_segments) if segmented else {}
-            predictions = self.predictor(context_states, context_positions, target_positions, context_mask,
-                                         **segment_kwargs)  # (B*K, Nt, H)
-            terms["token_loss"] = self.compute_loss(predictions, targets)
-            weighted.append(config.token_loss_weight * terms["token_loss"])
-            if config.span_loss_weight > 0:  # the idea of each hidden span: its mean, not its tokens
-                terms["span_loss"] = cosine_distance(span_means(predictions.float(), target_idx),
-                                                     span_means(targets, target_idx))
-                weighted.append(config.span_loss_weight * terms["span_loss"])
-        if self.bottleneck_predictor is not None:  # the same targets, seen through each segment's pooled vector
-            slots = torch.arange(num_segments, device=input_ids.device).expand(rows, num_segments)
-            decoded = self.bottleneck_predictor(
-                pooled_context.to(context_states.dtype), torch.zeros_like(slots), target_positions,
-                student_has.long(), slots if segmented else None, target_segments if segmented else None,
-            )
-            terms["bottleneck_loss"] = self.compute_loss(decoded, targets)
-            weighted.append(config.bottleneck_loss_weight * terms["bottleneck_loss"])
+    def _token_terms(self, student, targets):
+        """The predictor's estimate of the teacher's states at the hidden positions (B*K, Nt, H), and the terms
+        on it: the token loss, and the span loss (the idea of each hidden span: its mean, not its tokens)."""
+        segment_kwargs = {}
+        if student.segmented:
+            segment_kwargs = dict(context_segments=student.segments, target_segments=student.target_segments)
+        predictions = self.predictor(student.states, student.positions, student.target_positions, student.mask,
+                                     **segment_kwargs)  # (B*K, Nt, H)
+        terms = {"token_loss": self.compute_loss(predictions, targets)}
+        if self.config.span_loss_weight > 0:
+            terms["span_loss"] = cosine_distance(span_means(predictions.float(), student.target_idx),
+                                                 span_means(targets, student.target_idx))
+        return predictions, terms
 
-        if use_context:  # the visible tokens, read without the hidden part, against the teacher's full read
-            terms["context_loss"] = self.compute_loss(self.context_predictor(context_states), context_targets)
-            weighted.append(config.context_loss_weight * terms["context_loss"])
+    def _bottleneck_loss(self, student, targets):
+        """The same targets, seen through each segment's pooled vector alone: a one-layer predictor reads one
+        slot per segment (B*K, S, H), at position 0, plus mask tokens at the targets."""
+        rows, num_segments = student.has.shape
+        slots = torch.arange(num_segments, device=student.has.device).expand(rows, num_segments)
+        decoded = self.bottleneck_predictor(
+            student.pooled.to(student.states.dtype), torch.zeros_like(slots), student.target_positions,
+            student.has.long(), slots if student.segmented else None,
+            student.target_segments if student.segmented else None,
+        )
+        return self.compute_loss(decoded, targets)
 
-        # 4. sentence-level targets from the pooled visible context of each segment
-        if self.sentence_predictor is not None:  # -> the teacher's pooled whole segment
-            own_targets = sentence_targets.repeat_interleave(num_masks, dim=0)  # (B*K, S, H)
-            own_valid = student_has & teacher_has.repeat_interleave(num_masks, dim=0)
-            terms["sentence_loss"] = cosine_distance(
-                self.sentence_predictor(pooled_context)[own_valid], own_targets[own_valid])
-            weighted.append(config.sentence_loss_weight * terms["sentence_loss"])
-        projections = None
-        if student_views:  # LeJEPA: partner segments' projections pulled to their mean; SIGReg keeps them apart
-            projections = self.view_predictor(pooled_context[:, 0]).float().view(batch, num_masks, -1)  # (B, K, H)
-            seen = student_has[:, 0].view(batch, num_masks)
-            pair_valid = same_document[0::2, None] & seen[0::2] & seen[1::2]  # (B/2, K)
-            half_gap = (projections[0::2] - projections[1::2]) / 2  # distance of each view to the pair's mean
-            terms["cross_view_loss"] = half_gap[pair_valid].pow(2).mean(dim=-1).sum() / pair_valid.sum().clamp(min=1)
-            weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
-            projections = projections[seen]  # (M, H), what the pooled guard tests
-        elif use_cross_view:  # -> the teacher's pooled embedding of the partner segment (same document)
-            if segmented:  # segment s <-> s ^ 1 of the same row
-                partner = torch.arange(num_segments, device=input_ids.device) ^ 1
-                partner = partner.clamp(max=num_segments - 1)  # an odd last segment has no partner
-                partner_targets, partner_valid = sentence_targets[:, partner], teacher_has[:, partner]
-                partner_valid = partner_valid & (partner != torch.arange(num_segments, device=input_ids.device))
-            else:  # row 2i <-> 2i+1
-                if batch % 2:
-                    raise ValueError(f"cross-view targets need pairs of segments; got an odd batch of {batch} rows")
-                partner = torch.arange(batch, device=input_ids.device) ^ 1
-                partner_targets = sentence_targets[partner]
-                partner_valid = teacher_has[partner] & same_document[:, None]
-            partner_targets = partner_targets.repeat_interleave(num_masks, dim=0)  # (B*K, S, H)
-            pair_valid = student_has & partner_valid.repeat_interleave(num_masks, dim=0)
-            terms["cross_view_loss"] = cosine_distance(self.view_predictor(pooled_context)[pair_valid],
-                                                       partner_targets[pair_valid])
-            weighted.append(config.cross_view_loss_weight * terms["cross_view_loss"])
+    def _sentence_loss(self, student, sentence_targets, teacher_has):
+        """Each segment's pooled visible context -> the teacher's pooled whole segment, where both saw a token."""
+        own_targets = sentence_targets.repeat_interleave(student.num_masks, dim=0)  # (B*K, S, H)
+        own_valid = student.has & teacher_has.repeat_interleave(student.num_masks, dim=0)
+        return cosine_distance(self.sentence_predictor(student.pooled)[own_valid], own_targets[own_valid])
 
-        # 5. optional guard on the geometry of the pooled student vectors (the segments it saw), or of
-        #    their projections in the teacher-free cross-view term
-        if config.pooled_reg != "none" and config.pooled_reg_weight > 0:
-            seen = projections if projections is not None else pooled_context[student_has]  # (M, H)
-            if config.pooled_reg == "vicreg":
-                terms["pooled_reg"] = vicreg_regularizer(seen)
-            else:
-                terms["pooled_reg"] = sigreg_statistic(seen, config.sigreg_num_slices)
-            weighted.append(config.pooled_reg_weight * terms["pooled_reg"])
-        if not weighted:
+    def _student_cross_view_loss(self, student, same_document):
+        """LeJEPA: partner segments' projections (rows 2i, 2i+1) pulled to their mean; SIGReg keeps them apart.
+        Returns the loss and the projections of the segments the student saw (M, H), what the pooled guard tests."""
+        num_masks = student.num_masks
+        batch = student.has.shape[0] // num_masks
+        projections = self.view_predictor(student.pooled[:, 0]).float().view(batch, num_masks, -1)  # (B, K, H)
+        seen = student.has[:, 0].view(batch, num_masks)
+        pair_valid = same_document[0::2, None] & seen[0::2] & seen[1::2]  # (B/2, K)
+        half_gap = (projections[0::2] - projections[1::2]) / 2  # distance of each view to the pair's mean
+        loss = half_gap[pair_valid].pow(2).mean(dim=-1).sum() / pair_valid.sum().clamp(min=1)
+        return loss, projections[seen]
+
+    def _teacher_cross_view_loss(self, student, sentence_targets, teacher_has, same_document):
+        """Each segment's pooled visible context -> the teacher's pooled embedding of its partner segment (same
+        document): segment s <-> s ^ 1 of the same row with segment_ids, else row 2i <-> 2i+1."""
+        batch, num_segments = teacher_has.shape
+        device = teacher_has.device
+        if student.segmented:
+            partner = torch.arange(num_segments, device=device) ^ 1
+            partner = partner.clamp(max=num_segments - 1)  # an odd last segment has no partner
+            partner_targets, partner_valid = sentence_targets[:, partner], teacher_has[:, partner]
+            partner_valid = partner_valid & (partner != torch.arange(num_segments, device=device))
+        else:
+            if batch % 2:
+                raise ValueError(f"cross-view targets need pairs of segments; got an odd batch of {batch} rows")
+            partner = torch.arange(batch, device=device) ^ 1
+            partner_targets = sentence_targets[partner]
+            partner_valid = teacher_has[partner] & same_document[:, None]
+        partner_targets = partner_targets.repeat_interleave(student.num_masks, dim=0)  # (B*K, S, H)
+        pair_valid = student.has & partner_valid.repeat_interleave(student.num_masks, dim=0)
+        return cosine_distance(self.view_predictor(student.pooled)[pair_valid], partner_targets[pair_valid])
+
+    def _pooled_regularizer(self, vectors):
+        """config.pooled_reg on pooled vectors (M, H): the VICReg hinge + covariance, or SIGReg's normality test."""
+        if self.config.pooled_reg == "vicreg":
+            return vicreg_regularizer(vectors)
+        return sigreg_statistic(vectors, self.config.sigreg_num_slices)
+
+    def _weighted_output(self, terms, predictions, targets, projections, student):
+        """The loss: each term times its config.<name>_weight, summed in the order of `terms`."""
+        if not terms:
             raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, span_loss_weight, "
                              "sentence_loss_weight, cross_view_loss_weight, bottleneck_loss_weight or "
                              "context_loss_weight > 0)")
-
-        reference = predictions if predictions is not None else pooled_context[student_has]
+        reference = predictions if predictions is not None else student.pooled[student.has]
         return TextJepaForPreTrainingOutput(
-            loss=sum(weighted),
+            loss=sum(getattr(self.config, f"{name}_weight") * value for name, value in terms.items()),
             predictions=predictions,
             targets=targets,
             target_std=per_dimension_std(targets if targets is not None else projections),

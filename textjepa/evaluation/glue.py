@@ -267,81 +267,122 @@ def tracker_names(report_to):
 
 
 def finetune(model_name_or_path, spec, args):
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.utils.data import DataLoader
-    from transformers import (AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer,
-                              DataCollatorWithPadding, get_scheduler)
+    """Finetune on spec's train split as HF's run_glue_no_trainer.py does (accelerate; args: its flags, see
+    parse_args), keep the epoch with the best validation score and score it on test: results.json's dict.
 
-    from textjepa.evaluation.embedding import check_model_dir, default_max_length
-    from textjepa.evaluation.whitening import load_token_weights, load_whitening
-
+    An accelerate loop rather than transformers.Trainer(load_best_model_at_end=True): Trainer refuses
+    --checkpointing_steps N with per-epoch validation ("--load_best_model_at_end requires the save and eval
+    strategy to match"), writes checkpoint-N folders of its own rather than accelerate's step_N / epoch_N
+    (Accelerator.save_state / load_state, which --resume_from_checkpoint reads and the tests interrupt), and
+    logs eval/<metric> rather than the validation_<metric> and train_loss scalars of HF's script."""
     start = time.time()
-    pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
-    if pair_head not in PAIR_HEADS:
-        raise ValueError(f"--pair_head {pair_head!r}: expected one of {PAIR_HEADS}")
-    if pair_head == "cosine" and not spec.is_regression:
-        raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} labels "
-                         f"({spec.source}): use --pair_head concat or cross_encoder")
-    tracking = getattr(args, "with_tracking", False)
-    checkpointing = getattr(args, "checkpointing_steps", None)
-    resume = getattr(args, "resume_from_checkpoint", None)
-    if tracking and not args.output_dir:
-        raise ValueError("--with_tracking: needs --output_dir (the trackers write their logs under it)")
-    if resume and not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):
-        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder written by "
-                                "--checkpointing_steps (step_N or epoch_N under an output_dir)")
-    trackers = tracker_names(getattr(args, "report_to", "all")) if tracking else None
-    accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                              mixed_precision=args.mixed_precision, log_with=trackers or None,
-                              project_dir=args.output_dir)
-    if args.seed is not None:  # None: not seeded, as HF's script
-        set_seed(args.seed)
-    trust = getattr(args, "trust_remote_code", False)
-    path = check_model_dir(model_name_or_path, trust)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-    if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name,
-                                            trust_remote_code=trust)
-    except ValueError as error:  # transformers' own message names the Python argument, not our flag
-        if trust or "trust_remote_code" not in str(error):
-            raise
-        raise ValueError(f"{path}: its config.json names code of its own (auto_map) for a model type this Python "
-                         "does not know; pass --trust_remote_code to run it") from None
-    config.pad_token_id = tokenizer.pad_token_id
-    if spec.is_regression:
-        config.problem_type = "regression"
-    post_processing = []  # the shipped parts the bi-encoder applies
-    if pair_head == "cross_encoder":
+    run = Finetuning(model_name_or_path, spec, args)
+    run.train()
+    return run.results(start)
+
+
+class Finetuning:
+    """One finetuning run. Set up in order: flags checked, Accelerator and seed, model (a sequence classifier,
+    or the bi-encoder for --pair_head cosine / concat), tokenized splits and loaders, AdamW and the LR schedule,
+    accelerate.prepare, then a checkpoint's state when resuming. `state` (a TrainingRun) is what a checkpoint
+    holds beyond accelerate's own states."""
+
+    def __init__(self, model_name_or_path, spec, args):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.model_name_or_path, self.spec, self.args = model_name_or_path, spec, args
+        self.pair_head = self._check_flags()
+        self.tracking = getattr(args, "with_tracking", False)
+        self.checkpointing = getattr(args, "checkpointing_steps", None)
+        trackers = tracker_names(getattr(args, "report_to", "all")) if self.tracking else None
+        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                       mixed_precision=args.mixed_precision, log_with=trackers or None,
+                                       project_dir=args.output_dir)
+        if args.seed is not None:  # None: not seeded, as HF's script
+            set_seed(args.seed)
+        self._load_model()
+        self._make_loaders()
+        self._make_optimizer()
+        self.model, self.optimizer, self.train_loader, self.scheduler, *loaders = self.accelerator.prepare(
+            self.model, self.optimizer, self.train_loader, self.scheduler, *self.eval_loaders.values())
+        self.eval_loaders = dict(zip(self.eval_loaders, loaders))
+        self.state = TrainingRun()
+        self.accelerator.register_for_checkpointing(self.state)
+        self.rng_state = self._resume()
+        if self.tracking:
+            self.accelerator.init_trackers("glue_no_trainer", {k: v for k, v in vars(args).items()
+                                                               if isinstance(v, (int, float, str, bool))})
+
+    def _check_flags(self):
+        """The pair head this task takes; refuses flags that do not go together, naming them."""
+        spec, args = self.spec, self.args
+        pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
+        if pair_head not in PAIR_HEADS:
+            raise ValueError(f"--pair_head {pair_head!r}: expected one of {PAIR_HEADS}")
+        if pair_head == "cosine" and not spec.is_regression:
+            raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} "
+                             f"labels ({spec.source}): use --pair_head concat or cross_encoder")
+        if getattr(args, "with_tracking", False) and not args.output_dir:
+            raise ValueError("--with_tracking: needs --output_dir (the trackers write their logs under it)")
+        resume = getattr(args, "resume_from_checkpoint", None)
+        if resume and not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder written by "
+                                    "--checkpointing_steps (step_N or epoch_N under an output_dir)")
+        return pair_head
+
+    def _load_model(self):
+        """Tokenizer, config (the task's labels) and model; transformers' own errors for a model's own code and
+        for a head of the wrong size become one line naming our flag."""
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+        from textjepa.evaluation.model_dir import check_model_dir
+        from textjepa.evaluation.whitening import load_token_weights, load_whitening
+
+        spec, args = self.spec, self.args
+        trust = getattr(args, "trust_remote_code", False)
+        self.path = path = check_model_dir(self.model_name_or_path, trust)
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+        if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
+            tokenizer.pad_token = tokenizer.eos_token
         try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, config=config, trust_remote_code=trust,
-                ignore_mismatched_sizes=getattr(args, "ignore_mismatched_sizes", False))
-        except RuntimeError as error:  # transformers' own message is a page of shapes
-            if "ignore_mismatched_sizes" not in str(error):
+            config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name,
+                                                trust_remote_code=trust)
+        except ValueError as error:  # transformers' own message names the Python argument, not our flag
+            if trust or "trust_remote_code" not in str(error):
                 raise
-            raise ValueError(f"{path}: its weights do not fit a {spec.num_labels}-label head (size mismatch); "
-                             "pass --ignore_mismatched_sizes to start those weights afresh") from None
-    else:
+            raise ValueError(f"{path}: its config.json names code of its own (auto_map) for a model type this "
+                             "Python does not know; pass --trust_remote_code to run it") from None
+        config.pad_token_id = tokenizer.pad_token_id
+        if spec.is_regression:
+            config.problem_type = "regression"
+        self.config, self.post_processing = config, []  # post_processing: the shipped parts the bi-encoder applies
+        if self.pair_head == "cross_encoder":
+            try:
+                self.model = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, trust_remote_code=trust,
+                    ignore_mismatched_sizes=getattr(args, "ignore_mismatched_sizes", False))
+            except RuntimeError as error:  # transformers' own message is a page of shapes
+                if "ignore_mismatched_sizes" not in str(error):
+                    raise
+                raise ValueError(f"{path}: its weights do not fit a {spec.num_labels}-label head (size mismatch); "
+                                 "pass --ignore_mismatched_sizes to start those weights afresh") from None
+            return
         token_weights = whitening = None
         if getattr(args, "post_processing", "shipped") == "shipped" and os.path.isdir(path):
             token_weights, whitening = load_token_weights(path, len(tokenizer)), load_whitening(path)
-        model = BiEncoder(AutoModel.from_pretrained(path, config=config, trust_remote_code=trust), spec.num_labels,
-                          pair_head, getattr(args, "pooling", "mean"), token_weights, whitening)
-        post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
-                           if part is not None]
-    train_labels = labels_of(spec, "train")
-    # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
-    max_length = min(args.max_length, default_max_length(config, tokenizer, path))
-    pad_to_max_length = getattr(args, "pad_to_max_length", False)
-    padding = "max_length" if pad_to_max_length else False  # else each batch is padded to its longest
+        self.model = BiEncoder(AutoModel.from_pretrained(path, config=config, trust_remote_code=trust),
+                               spec.num_labels, self.pair_head, getattr(args, "pooling", "mean"), token_weights,
+                               whitening)
+        self.post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
+                                if part is not None]
 
-    def tokenize(split):
+    def _tokenize(self, split, max_length, padding):
+        """One split as rows of model inputs and `labels` (a bi-encoder's second text as `<input>_b` columns)."""
+        spec, tokenizer = self.spec, self.tokenizer
         s1, s2 = texts_of(spec, split)
-        if pair_head == "cross_encoder":
-            forward_args = set(inspect.signature(model.forward).parameters)
+        if self.pair_head == "cross_encoder":
+            forward_args = set(inspect.signature(self.model.forward).parameters)
             encoded = tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding)
             columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for some models
         else:  # the bi-encoder passes its encoder only the inputs it takes
@@ -349,141 +390,186 @@ def finetune(model_name_or_path, spec, args):
                        **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length,
                                                             padding=padding).items()}}
         labels = labels_of(spec, split)
-        if pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
+        if self.pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
+            train_labels = labels_of(spec, "train")
             labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
         columns["labels"] = labels.astype(np.float32 if spec.is_regression else np.int64).tolist()
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
-    multiple = 8 if accelerator.mixed_precision != "no" and not pad_to_max_length else None
-    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=multiple)
+    def _make_loaders(self):
+        """Every split tokenized once (main process first), a shuffled train loader a resumed run can replay,
+        and one loader per evaluated split. Batches are padded to their longest input (a multiple of 8 under
+        mixed precision) unless --pad_to_max_length."""
+        from torch.utils.data import DataLoader
+        from transformers import DataCollatorWithPadding
 
-    def collate(rows):
-        batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
-        if pair_head != "cross_encoder":
-            second = pad([{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows])
-            batch.update({k + "_b": v for k, v in second.items()})
-        return batch
+        from textjepa.evaluation.model_dir import default_max_length
 
-    with accelerator.main_process_first():
-        examples = {split: tokenize(split) for split in spec.splits}
-    sampler = EpochSampler(examples["train"])  # shuffle=True's sampler, which a resumed run can replay
-    train_loader = DataLoader(examples["train"], sampler=sampler, collate_fn=collate,
-                              batch_size=args.per_device_train_batch_size)
-    eval_loaders = {split: DataLoader(examples[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
-                    for split in spec.splits if split != "train"}
+        args, spec = self.args, self.spec
+        # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
+        max_length = min(args.max_length, default_max_length(self.config, self.tokenizer, self.path))
+        pad_to_max_length = getattr(args, "pad_to_max_length", False)
+        padding = "max_length" if pad_to_max_length else False  # else each batch is padded to its longest
+        multiple = 8 if self.accelerator.mixed_precision != "no" and not pad_to_max_length else None
+        pad = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=multiple)
 
-    optimizer = torch.optim.AdamW(parameter_groups(model, args.learning_rate, args.weight_decay,
-                                                   getattr(args, "layerwise_lr_decay", 1.0)), lr=args.learning_rate)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    warmup_steps = args.num_warmup_steps or math.ceil(getattr(args, "warmup_ratio", 0.0) * max_train_steps)
-    # A prepared scheduler steps once per process per optimizer step (accelerate), hence * num_processes.
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
-                              num_warmup_steps=warmup_steps * accelerator.num_processes,
-                              num_training_steps=max_train_steps * accelerator.num_processes)
-    model, optimizer, train_loader, scheduler, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, scheduler, *eval_loaders.values())
-    eval_loaders = dict(zip(eval_loaders, loaders))
+        def collate(rows):
+            batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
+            if self.pair_head != "cross_encoder":
+                second = pad([{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows])
+                batch.update({k + "_b": v for k, v in second.items()})
+            return batch
 
-    def predict(split):
-        model.eval()
-        all_predictions, all_labels = [], []
-        for batch in eval_loaders[split]:
-            with torch.no_grad():
-                logits = model(**batch).logits
-            predictions = logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)
-            predictions, references = accelerator.gather_for_metrics((predictions, batch["labels"]))
-            all_predictions.append(predictions.float().cpu() if spec.is_regression else predictions.cpu())
-            all_labels.append(references.cpu())
-        return torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
+        with self.accelerator.main_process_first():
+            examples = {split: self._tokenize(split, max_length, padding) for split in spec.splits}
+        self.sampler = EpochSampler(examples["train"])  # shuffle=True's sampler, which a resumed run can replay
+        self.train_loader = DataLoader(examples["train"], sampler=self.sampler, collate_fn=collate,
+                                       batch_size=args.per_device_train_batch_size)
+        self.eval_loaders = {split: DataLoader(examples[split], collate_fn=collate,
+                                               batch_size=args.per_device_eval_batch_size)
+                             for split in spec.splits if split != "train"}
 
-    run = TrainingRun()
-    accelerator.register_for_checkpointing(run)
-    rng_state = None
-    if resume:  # as HF's script: accelerate's load_state, then skip the batches the checkpoint had trained on
-        accelerator.load_state(resume)
-        accelerator.print(f"Resumed from checkpoint: {resume}")
-        if run.batches:  # stopped within an epoch (an epoch_N checkpoint starts the next epoch afresh)
-            rng_state, sampler.replay = torch.get_rng_state(), run.seed
-    if tracking:
-        accelerator.init_trackers("glue_no_trainer", {k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
+    def _make_optimizer(self):
+        """AdamW over parameter_groups and HF's LR schedule, sized in optimizer steps."""
+        from transformers import get_scheduler
 
-    def save_checkpoint(name):
-        accelerator.save_state(os.path.join(args.output_dir or ".", name))
+        args, accelerator = self.args, self.accelerator
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, args.learning_rate, args.weight_decay,
+                                                            getattr(args, "layerwise_lr_decay", 1.0)),
+                                           lr=args.learning_rate)
+        steps_per_epoch = math.ceil(len(self.train_loader) / args.gradient_accumulation_steps)
+        self.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+        self.num_epochs = math.ceil(self.max_train_steps / steps_per_epoch)
+        self.warmup_steps = args.num_warmup_steps or math.ceil(getattr(args, "warmup_ratio", 0.0)
+                                                               * self.max_train_steps)
+        # A prepared scheduler steps once per process per optimizer step (accelerate), hence * num_processes.
+        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer=self.optimizer,
+                                       num_warmup_steps=self.warmup_steps * accelerator.num_processes,
+                                       num_training_steps=self.max_train_steps * accelerator.num_processes)
 
-    progress = tqdm(range(max_train_steps), desc=f"finetune {spec.name}", disable=not accelerator.is_local_main_process
-                    or not args.show_progress)
-    progress.update(run.completed_steps)
-    patience = getattr(args, "early_stopping_patience", None)
-    for epoch in range(run.epoch, num_epochs):
-        if patience is not None and run.best is not None and epoch - 1 - run.best["epoch"] >= patience:
-            accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
-            break
+    def _resume(self):
+        """As HF's script: accelerate's load_state, then (train) skips the batches the checkpoint had trained
+        on. Returns torch's RNG state at the checkpoint when it stopped within an epoch (else None); an
+        epoch_N checkpoint starts the next epoch afresh."""
+        resume = getattr(self.args, "resume_from_checkpoint", None)
+        if not resume:
+            return None
+        self.accelerator.load_state(resume)
+        self.accelerator.print(f"Resumed from checkpoint: {resume}")
+        if not self.state.batches:
+            return None
+        self.sampler.replay = self.state.seed
+        return torch.get_rng_state()
+
+    def save_checkpoint(self, name):
+        """accelerate's state (model, optimizer, scheduler, RNGs and `state`) in output_dir/name."""
+        self.accelerator.save_state(os.path.join(self.args.output_dir or ".", name))
+
+    def train(self):
+        """The epochs: train, validate, keep the best; --early_stopping_patience epochs without a better
+        validation score end it early."""
+        spec, state = self.spec, self.state
+        progress = tqdm(range(self.max_train_steps), desc=f"finetune {spec.name}",
+                        disable=not self.accelerator.is_local_main_process or not self.args.show_progress)
+        progress.update(state.completed_steps)
+        patience = getattr(self.args, "early_stopping_patience", None)
+        for epoch in range(state.epoch, self.num_epochs):
+            if patience is not None and state.best is not None and epoch - 1 - state.best["epoch"] >= patience:
+                self.accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
+                break
+            self._train_epoch(progress)
+            self._end_epoch(epoch)
+            if state.completed_steps >= self.max_train_steps:
+                break
+        if self.tracking:
+            self.accelerator.end_training()
+
+    def _train_epoch(self, progress):
+        """One pass over the train loader (the rest of it, when resuming mid-epoch), a checkpoint every
+        --checkpointing_steps optimizer steps."""
+        accelerator, state, model = self.accelerator, self.state, self.model
         model.train()
-        batches = train_loader
-        if rng_state is not None:
-            batches = resumed(accelerator.skip_first_batches(train_loader, run.batches), rng_state)
-            rng_state = None
+        batches = self.train_loader
+        if self.rng_state is not None:
+            batches = resumed(accelerator.skip_first_batches(self.train_loader, state.batches), self.rng_state)
+            self.rng_state = None
         for batch in batches:
-            if run.completed_steps >= max_train_steps:
+            if state.completed_steps >= self.max_train_steps:
                 break
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            run.batches, run.seed = run.batches + 1, sampler.seed
-            if tracking:
-                run.loss_sum += loss.item()
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad()
+            state.batches, state.seed = state.batches + 1, self.sampler.seed
+            if self.tracking:
+                state.loss_sum += loss.item()
             if accelerator.sync_gradients:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss.item():.4f}")
-                run.completed_steps += 1
-                if isinstance(checkpointing, int) and run.completed_steps % checkpointing == 0:
-                    save_checkpoint(f"step_{run.completed_steps}")
-        validation = score(spec, *predict("validation"))
-        run.history.append({"epoch": epoch, "step": run.completed_steps, "validation": validation})
+                state.completed_steps += 1
+                if isinstance(self.checkpointing, int) and state.completed_steps % self.checkpointing == 0:
+                    self.save_checkpoint(f"step_{state.completed_steps}")
+
+    def _end_epoch(self, epoch):
+        """Validation score into the history, the weights kept (on the CPU) when it is the best so far, the
+        trackers' log, and an epoch_N checkpoint with --checkpointing_steps epoch."""
+        spec, state, accelerator = self.spec, self.state, self.accelerator
+        validation = score(spec, *self.predict("validation"))
+        state.history.append({"epoch": epoch, "step": state.completed_steps, "validation": validation})
         accelerator.print(f"epoch {epoch}: validation {spec.metric} {validation[spec.metric]:.2f}")
-        if run.best is None or validation[spec.metric] > run.best["validation"][spec.metric]:
-            state = accelerator.unwrap_model(model).state_dict()
-            run.best = {"epoch": epoch, "validation": validation,
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in state.items()}}
-        if tracking:
+        if state.best is None or validation[spec.metric] > state.best["validation"][spec.metric]:
+            weights = accelerator.unwrap_model(self.model).state_dict()
+            state.best = {"epoch": epoch, "validation": validation,
+                          "state": {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}}
+        if self.tracking:
             accelerator.log({**{f"validation_{k}": float(v) for k, v in validation.items()}, "epoch": epoch,
-                             "train_loss": run.loss_sum / len(train_loader), "step": run.completed_steps},
-                            step=run.completed_steps)
-        run.epoch, run.batches, run.loss_sum = epoch + 1, 0, 0.0
-        if checkpointing == "epoch":
-            save_checkpoint(f"epoch_{epoch}")
-        if run.completed_steps >= max_train_steps:
-            break
-    if tracking:
-        accelerator.end_training()
-    history, best = run.history, run.best
-    accelerator.unwrap_model(model).load_state_dict(best.pop("state"))
-    results = {"task": spec.name, "mode": "finetune", "model": str(model_name_or_path), "metric": spec.metric,
-               "pair_head": pair_head if spec.is_pair else None, "post_processing": post_processing,
-               "learning_rate": args.learning_rate,
-               "seed": args.seed, "warmup_steps": warmup_steps, "best_epoch": best["epoch"], "validation": best["validation"], "history": history,
-               "num_examples": {split: len(ds) for split, ds in spec.splits.items()}}
-    if "test" in eval_loaders:
-        labels, predictions = predict("test")
-        results["test"] = score(spec, labels, predictions)
-        results["test_predictions"] = predictions.tolist()  # per example, for bootstrap intervals
-    if args.save_model and args.output_dir and accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        if pair_head == "cross_encoder":
-            unwrapped.save_pretrained(args.output_dir)
-        else:  # the encoder as a transformers model, the pair head beside it
-            unwrapped.encoder.save_pretrained(args.output_dir)
-            torch.save({k: v for k, v in unwrapped.state_dict().items() if not k.startswith("encoder.")},
-                       os.path.join(args.output_dir, "pair_head.pt"))
-        tokenizer.save_pretrained(args.output_dir)
-    results["seconds"] = time.time() - start
-    return results
+                             "train_loss": state.loss_sum / len(self.train_loader), "step": state.completed_steps},
+                            step=state.completed_steps)
+        state.epoch, state.batches, state.loss_sum = epoch + 1, 0, 0.0
+        if self.checkpointing == "epoch":
+            self.save_checkpoint(f"epoch_{epoch}")
+
+    def predict(self, split):
+        """(labels, predictions) over one evaluated split, gathered from every process."""
+        self.model.eval()
+        all_predictions, all_labels = [], []
+        for batch in self.eval_loaders[split]:
+            with torch.no_grad():
+                logits = self.model(**batch).logits
+            predictions = logits.squeeze(-1) if self.spec.is_regression else logits.argmax(-1)
+            predictions, references = self.accelerator.gather_for_metrics((predictions, batch["labels"]))
+            all_predictions.append(predictions.float().cpu() if self.spec.is_regression else predictions.cpu())
+            all_labels.append(references.cpu())
+        return torch.cat(all_labels).numpy(), torch.cat(all_predictions).numpy()
+
+    def results(self, start):
+        """results.json's dict: the best epoch's validation scores and its test scores (its weights loaded
+        back), the history; with --save_model the best model in output_dir."""
+        spec, args, best = self.spec, self.args, self.state.best
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        unwrapped.load_state_dict(best.pop("state"))
+        results = {"task": spec.name, "mode": "finetune", "model": str(self.model_name_or_path),
+                   "metric": spec.metric, "pair_head": self.pair_head if spec.is_pair else None,
+                   "post_processing": self.post_processing, "learning_rate": args.learning_rate, "seed": args.seed,
+                   "warmup_steps": self.warmup_steps, "best_epoch": best["epoch"], "validation": best["validation"],
+                   "history": self.state.history,
+                   "num_examples": {split: len(ds) for split, ds in spec.splits.items()}}
+        if "test" in self.eval_loaders:
+            labels, predictions = self.predict("test")
+            results["test"] = score(spec, labels, predictions)
+            results["test_predictions"] = predictions.tolist()  # per example, for bootstrap intervals
+        if args.save_model and args.output_dir and self.accelerator.is_main_process:
+            if self.pair_head == "cross_encoder":
+                unwrapped.save_pretrained(args.output_dir)
+            else:  # the encoder as a transformers model, the pair head beside it
+                unwrapped.encoder.save_pretrained(args.output_dir)
+                torch.save({k: v for k, v in unwrapped.state_dict().items() if not k.startswith("encoder.")},
+                           os.path.join(args.output_dir, "pair_head.pt"))
+            self.tokenizer.save_pretrained(args.output_dir)
+        results["seconds"] = time.time() - start
+        return results
 
 
 # ---------------------------------------------------------------- command line

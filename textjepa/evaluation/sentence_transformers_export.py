@@ -87,7 +87,7 @@ def _default_max_seq_length(model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
     import textjepa  # noqa: F401  registers the textjepa config class
-    from textjepa.evaluation.embedding import default_max_length
+    from textjepa.evaluation.model_dir import default_max_length
 
     config = AutoConfig.from_pretrained(model_dir)
     return default_max_length(config, AutoTokenizer.from_pretrained(model_dir))
@@ -167,7 +167,7 @@ def write_sentence_transformers_layout(model_dir, pooling=None, normalize=None, 
 def export_sentence_transformer(model_dir, output_dir, pooling="mean", normalize=True, max_seq_length=None):
     """Copy an encoder directory to output_dir with the sentence-transformers layout (whitening included);
     written beside output_dir and renamed into place. Returns output_dir."""
-    from textjepa.evaluation.embedding import check_model_dir
+    from textjepa.evaluation.model_dir import check_model_dir
 
     source = check_model_dir(model_dir)
     if not os.path.isdir(source):

@@ -300,14 +300,14 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
 
 
 def masking_config(recipe, tokenizer):
-    """The recipe's mask section as a MaskingConfig (the one place a recipe becomes one): every
-    MaskingConfig field of the section, left at its own default where the recipe says null, plus
-    the tokenizer's special ids (mask.special_tokens_never_target) and its document separator
-    (needed by views)."""
+    """The recipe's mask section as a MaskingConfig (the one place a recipe becomes one): its MaskingConfig
+    fields (recipe.mask_config_kwargs, which recipe validation builds too), plus the tokenizer's special ids
+    (mask.special_tokens_never_target) and its document separator (needed by views)."""
     from textjepa.masking import MaskingConfig
 
-    fields = {k: v for k, v in recipe.mask.__dict__.items()
-              if k not in ("special_tokens_never_target", "mlm_probability") and v is not None}
+    from .recipe import mask_config_kwargs
+
+    fields = mask_config_kwargs(recipe)
     if recipe.mask.special_tokens_never_target:
         fields["special_token_ids"] = tuple(tokenizer.all_special_ids)
     if recipe.mask.num_views > 1 or recipe.mask.views != "none":  # views must know document boundaries

@@ -3,24 +3,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 
 def jepa_config(recipe, tokenizer):
-    """The recipe's model and ema sections are TextJepaConfig fields (recipe.py builds them from it):
-    null keeps the config's default, max_position_embeddings defaults to data.block_size."""
+    """The recipe's model and ema sections are TextJepaConfig fields (recipe.model_config_kwargs), plus the
+    tokenizer's vocabulary size and special ids."""
     from textjepa import TextJepaConfig
 
-    from .recipe import EMA_PREFIX
+    from .recipe import model_config_kwargs
 
-    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
-    kwargs["max_position_embeddings"] = recipe.model.max_position_embeddings or recipe.data.block_size
-    kwargs.update({EMA_PREFIX + k: v for k, v in dataclasses.asdict(recipe.ema).items()})
     return TextJepaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **kwargs)
+        eos_token_id=tokenizer.eos_token_id, **model_config_kwargs(recipe))
 
 
 def roberta_config(vocab_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size, max_tokens,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,7 +19,16 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from textjepa.configuration_textjepa import TextJepaConfig
+from textjepa.configuration_textjepa import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    UNIT_OPEN,
+    UNIT_RIGHT_OPEN,
+    SettingError,
+    TextJepaConfig,
+    range_problem,
+)
 from textjepa.masking import MaskingConfig
 
 EMA_PREFIX = "ema_"  # recipe ema.<key> is TextJepaConfig.ema_<key>
@@ -311,13 +319,11 @@ def _build(cls, values: dict, where: str):
 
 def _validate(recipe: Recipe) -> None:
     """Cross-field checks that types alone cannot express."""
-    o, m = recipe.optim, recipe.model
+    o = recipe.optim
     if len(o.betas) != 2:
         raise RecipeError(f"optim.betas: expected two numbers, got {o.betas}")
-    _check_bounds(recipe)  # every numeric key against its range (BOUNDS)
-    if m.hidden_size % m.num_attention_heads:
-        raise RecipeError(f"model.hidden_size: {m.hidden_size} is not divisible by "
-                          f"model.num_attention_heads={m.num_attention_heads}")
+    _check_bounds(recipe)  # the keys without a config of their own against their ranges (BOUNDS)
+    _check_through_configs(recipe)  # model.*, ema.* and mask.*: the configs' own checks
     if o.min_lr > o.lr:
         raise RecipeError(f"optim.min_lr: expected at most optim.lr={o.lr:g}, got {o.min_lr:g}")
     e = recipe.ema
@@ -332,54 +338,31 @@ def _validate(recipe: Recipe) -> None:
     if recipe.data.streaming and recipe.data.packed_path:
         raise RecipeError("data.packed_path: already packed blocks are read from disk, not streamed; set "
                           "data.streaming: false to use them, or data.packed_path: null to stream data.source")
-    if m.target_num_layers is not None and m.target_num_layers > m.num_hidden_layers:
-        raise RecipeError(f"model.target_num_layers: expected at most model.num_hidden_layers="
-                          f"{m.num_hidden_layers}, got {m.target_num_layers}")
 
 
-# Every numeric recipe key and its allowed range: (low, low_inclusive, high, high_inclusive); None = unbounded.
-# A value of null (Optional keys) is not checked. NaN and Inf fail every range.
-_POSITIVE, _NON_NEGATIVE, _AT_LEAST_ONE = (0, False, None, False), (0, True, None, False), (1, True, None, False)
-_UNIT_OPEN, _UNIT_RIGHT_OPEN, _UNIT_CLOSED = (0, False, 1, False), (0, True, 1, False), (0, True, 1, True)
+# The numeric keys that no config checks, and their ranges (configuration_textjepa.range_problem words the
+# error); a value of null (Optional keys) is not checked. model.*, ema.* and mask.* (but mask.mlm_probability,
+# the MLM collator's) are checked by TextJepaConfig and MaskingConfig themselves (_check_through_configs).
 BOUNDS = {
-    "model.hidden_size": _AT_LEAST_ONE, "model.num_hidden_layers": _AT_LEAST_ONE,
-    "model.num_attention_heads": _AT_LEAST_ONE, "model.intermediate_size": _AT_LEAST_ONE,
-    "model.max_position_embeddings": _AT_LEAST_ONE, "model.hidden_dropout_prob": _UNIT_RIGHT_OPEN,
-    "model.attention_probs_dropout_prob": _UNIT_RIGHT_OPEN, "model.predictor_hidden_size": _AT_LEAST_ONE,
-    "model.predictor_num_hidden_layers": _AT_LEAST_ONE, "model.predictor_num_attention_heads": _AT_LEAST_ONE,
-    "model.target_num_layers": _AT_LEAST_ONE, "model.smooth_l1_beta": _POSITIVE,
-    "model.variance_reg_weight": _NON_NEGATIVE, "model.sentence_loss_weight": _NON_NEGATIVE,
-    "model.token_loss_weight": _NON_NEGATIVE, "model.span_loss_weight": _NON_NEGATIVE,
-    "model.cross_view_loss_weight": _NON_NEGATIVE, "model.bottleneck_loss_weight": _NON_NEGATIVE,
-    "model.context_loss_weight": _NON_NEGATIVE,
-    "model.pooled_reg_weight": _NON_NEGATIVE, "model.sigreg_num_slices": _AT_LEAST_ONE,
     "data.vocab_size": (6, True, None, False), "data.block_size": (2, True, None, False),
-    "data.validation_fraction": _UNIT_RIGHT_OPEN, "data.num_proc": _AT_LEAST_ONE, "data.num_workers": _NON_NEGATIVE,
-    "data.shuffle_buffer": _NON_NEGATIVE, "data.weights": _NON_NEGATIVE,  # a mapping: every value
-    "mask.num_masks": _AT_LEAST_ONE, "mask.num_views": _AT_LEAST_ONE, "mask.target_ratio": _UNIT_OPEN, "mask.num_spans": _AT_LEAST_ONE,
-    "mask.mean_span_length": (1, True, None, False), "mask.min_span_length": _AT_LEAST_ONE,
-    "mask.extra_context_drop": _UNIT_RIGHT_OPEN, "mask.mlm_probability": _UNIT_OPEN,
-    "optim.lr": _POSITIVE, "optim.min_lr": _NON_NEGATIVE, "optim.warmup_steps": _NON_NEGATIVE,
-    "optim.betas[0]": _UNIT_RIGHT_OPEN, "optim.betas[1]": _UNIT_RIGHT_OPEN, "optim.eps": _POSITIVE,
-    "optim.weight_decay": _NON_NEGATIVE, "optim.weight_decay_end": _NON_NEGATIVE, "optim.grad_clip": _NON_NEGATIVE,
-    "ema.momentum_start": _UNIT_CLOSED, "ema.momentum_end": _UNIT_CLOSED,
-    "train.max_steps": _AT_LEAST_ONE, "train.batch_size": _AT_LEAST_ONE, "train.grad_accum": _AT_LEAST_ONE,
-    "train.seed": _NON_NEGATIVE, "train.threads": _AT_LEAST_ONE, "train.save_every": _AT_LEAST_ONE,
-    "train.keep_last": _AT_LEAST_ONE, "train.export_whiten_docs": _AT_LEAST_ONE, "train.stop_after": _AT_LEAST_ONE, "train.max_minutes": _NON_NEGATIVE,
-    "log.every": _AT_LEAST_ONE, "log.diag_every": _AT_LEAST_ONE, "log.probe_size": (2, True, None, False),
-    "log.min_std": _NON_NEGATIVE, "log.min_rank": _NON_NEGATIVE, "log.guard_after": _NON_NEGATIVE,
+    "data.validation_fraction": UNIT_RIGHT_OPEN, "data.num_proc": AT_LEAST_ONE, "data.num_workers": NON_NEGATIVE,
+    "data.shuffle_buffer": NON_NEGATIVE, "data.weights": NON_NEGATIVE,  # a mapping: every value
+    "mask.mlm_probability": UNIT_OPEN,
+    "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
+    "optim.betas[0]": UNIT_RIGHT_OPEN, "optim.betas[1]": UNIT_RIGHT_OPEN, "optim.eps": POSITIVE,
+    "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
+    "train.max_steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum": AT_LEAST_ONE,
+    "train.seed": NON_NEGATIVE, "train.threads": AT_LEAST_ONE, "train.save_every": AT_LEAST_ONE,
+    "train.keep_last": AT_LEAST_ONE, "train.export_whiten_docs": AT_LEAST_ONE, "train.stop_after": AT_LEAST_ONE,
+    "train.max_minutes": NON_NEGATIVE,
+    "log.every": AT_LEAST_ONE, "log.diag_every": AT_LEAST_ONE, "log.probe_size": (2, True, None, False),
+    "log.min_std": NON_NEGATIVE, "log.min_rank": NON_NEGATIVE, "log.guard_after": NON_NEGATIVE,
 }
-
-
-def _range_text(low, low_in, high, high_in) -> str:
-    if high is None:
-        return f"a number {'>=' if low_in else '>'} {low}"
-    return f"a number in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
 
 
 def _check_bounds(recipe: Recipe) -> None:
     values = recipe.to_dict()
-    for key, (low, low_in, high, high_in) in BOUNDS.items():
+    for key, bounds in BOUNDS.items():
         section, _, name = key.partition(".")
         name, _, index = name.partition("[")
         value = values[section][name]
@@ -387,14 +370,48 @@ def _check_bounds(recipe: Recipe) -> None:
             value = value[int(index.rstrip("]"))]
         items = value.items() if isinstance(value, dict) else [(None, value)]  # a mapping: each of its values
         for item, value in items:
-            if value is None:
-                continue
-            ok = math.isfinite(value) and (value >= low if low_in else value > low)
-            if high is not None:
-                ok = ok and (value <= high if high_in else value < high)
-            if not ok:
-                where = key if item is None else f"{key}.{item}"
-                raise RecipeError(f"{where}: expected {_range_text(low, low_in, high, high_in)}, got {value}")
+            reason = range_problem(value, bounds) if value is not None else None
+            if reason:
+                raise RecipeError(f"{key if item is None else f'{key}.{item}'}: {reason}")
+
+
+def model_config_kwargs(recipe: Recipe) -> dict:
+    """TextJepaConfig's keyword arguments from the model and ema sections (build.jepa_config adds the
+    tokenizer's): null keeps the config's default, max_position_embeddings defaults to data.block_size."""
+    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
+    kwargs.setdefault("max_position_embeddings", recipe.data.block_size)
+    kwargs.update({EMA_PREFIX + k: v for k, v in dataclasses.asdict(recipe.ema).items()})
+    return kwargs
+
+
+def mask_config_kwargs(recipe: Recipe) -> dict:
+    """MaskingConfig's keyword arguments from the mask section (batches.masking_config adds the tokenizer's
+    special ids and separator): its MaskingConfig fields, null keeping the config's default."""
+    return {k: v for k, v in dataclasses.asdict(recipe.mask).items()
+            if k in MaskingConfig.__dataclass_fields__ and v is not None}
+
+
+def _check_through_configs(recipe: Recipe) -> None:
+    """Build the configs that the run will build, so that each check lives in its config; a failed one
+    (SettingError, behind huggingface_hub's strict-dataclass error for TextJepaConfig) is reported under the
+    recipe's keys: `model.hidden_size: 100 is not divisible by model.num_attention_heads=3`."""
+    def model_key(field):
+        return f"ema.{field[len(EMA_PREFIX):]}" if field.startswith(EMA_PREFIX) else f"model.{field}"
+
+    mask = mask_config_kwargs(recipe)
+    if mask.get("views", "none") != "none":
+        mask["separator_token_id"] = 0  # the tokenizer's separator (batches.masking_config); any id stands in
+    for build, key in ((lambda: TextJepaConfig(**model_config_kwargs(recipe)), model_key),
+                       (lambda: MaskingConfig(**mask), lambda field: f"mask.{field}")):
+        try:
+            build()
+        except Exception as err:  # only a SettingError becomes a RecipeError
+            cause = err
+            while cause is not None and not isinstance(cause, SettingError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise RecipeError(cause.named(key)) from None
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
