@@ -161,8 +161,9 @@ class TrainSection:
     threads: Optional[int] = None
     # true: the trained model's forward (and its backward) through torch.compile (inductor), compiled in
     # place for this run (loop._prepare_model; checkpoints and exports keep the eager keys). Off by default:
-    # on the CPU the first step costs a compile and the later steps were not faster (benchmarks/README.md,
-    # "torch.compile"); the CPU needs a C++ compiler (g++, or $CXX). Not with FSDP.
+    # on the CPU the first step costs 75-115 s of compiling (10-20 s on a warm inductor cache) for 4-12%
+    # faster steps, which pays only in long runs at h256 and up (benchmarks/README.md, "torch.compile").
+    # The CPU needs a C++ compiler (g++, or $CXX). Not with FSDP.
     compile: bool = False
     save_every: int = 500
     keep_last: int = 2
