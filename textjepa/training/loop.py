@@ -27,6 +27,7 @@ from .checkpoint import CheckpointError, TrainerState, load_checkpoint, save_che
 from . import schedules
 from .batches import micro_batch_loader, training_data
 from .build import build_model, build_optimizer, encoder_of
+from .compiling import CompileWatch, compile_errors, compile_forward
 from .diagnostics import JsonlLog, check_guards, effective_rank
 from .process import RunLock, RunLocked, die_with_launcher, fault_point
 
@@ -462,9 +463,10 @@ def _start_accelerator(recipe, announce, cleanup):
     return accelerator, say
 
 
-def _prepare_model(recipe, data, accelerator, model=None):
+def _prepare_model(recipe, data, accelerator, model=None, cleanup=None):
     """Build (or take) the model and its optimizer, make the JEPA's EMA teacher from the full student
-    (before FSDP could shard it; the teacher stays outside prepare), then accelerate's prepare.
+    (before FSDP could shard it; the teacher stays outside prepare), then accelerate's prepare, then
+    (train.compile) torch.compile of the unwrapped model's forward in place, undone by `cleanup`.
     -> (prepared model, prepared optimizer, unwrapped model)"""
     if model is None:
         model = build_model(recipe, data.tokenizer)
@@ -478,7 +480,12 @@ def _prepare_model(recipe, data, accelerator, model=None):
                            "lm_head bias into two FSDP2 groups; train the MLM baseline with DDP")
     _set_fsdp_wrap_classes(accelerator, model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model)
+    if recipe.train.compile:  # in place: the same module, state_dict keys unchanged (compiling.py)
+        undo = compile_forward(unwrapped, accelerator.device, _is_sharded(accelerator))
+        if cleanup is not None:
+            cleanup.callback(undo)
+    return model, optimizer, unwrapped
 
 
 def _train(recipe, resume, model, announce, cleanup):
@@ -495,7 +502,7 @@ def _train(recipe, resume, model, announce, cleanup):
     model_recipe = auto_attention(recipe, accelerator)
     if model_recipe is not recipe:
         say("train.mixed_precision auto: bf16 autocast with eager attention (this CPU has AMX)")
-    model, optimizer, unwrapped = _prepare_model(model_recipe, data, accelerator, model)
+    model, optimizer, unwrapped = _prepare_model(model_recipe, data, accelerator, model, cleanup)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
@@ -510,10 +517,12 @@ def _train(recipe, resume, model, announce, cleanup):
     stop_after = train_cfg.stop_after if train_cfg.stop_after is not None else train_cfg.max_steps
     last_step = min(train_cfg.max_steps, stop_after)  # of this session
     stop_reason, end_reason = None, "max_steps"
+    watch = CompileWatch() if train_cfg.compile else None
     while state.step < last_step:
         step = state.step  # optimizer step about to run (0-based)
         lr, weight_decay = _set_schedules(optimizer, step, recipe)
-        sums, grad_norm = _optimizer_step(accelerator, model, optimizer, batches, recipe, step)
+        with compile_errors(train_cfg.compile, step):
+            sums, grad_norm = _optimizer_step(accelerator, model, optimizer, batches, recipe, step)
         momentum = None
         if recipe.objective == "jepa":
             momentum = schedules.ema_momentum(step, train_cfg.max_steps, recipe.ema.momentum_start,
@@ -524,6 +533,8 @@ def _train(recipe, resume, model, announce, cleanup):
         state.step += 1
         state.tokens_seen += data.tokens_per_step
         recorder.step_done(data.tokens_per_step)
+        if watch is not None:
+            watch.step_done(state.step)
 
         time_up = train_cfg.max_minutes is not None and recorder.session_seconds() > 60 * train_cfg.max_minutes
         averages, time_up = _average_over_processes(accelerator, sums, train_cfg.grad_accum, time_up)
@@ -559,6 +570,8 @@ def _train(recipe, resume, model, announce, cleanup):
         if state.step < train_cfg.max_steps:
             end_reason = f"train.stop_after={train_cfg.stop_after} reached"
     recorder.progress.close()
+    if watch is not None:
+        say(watch.line())
 
     state.elapsed_s = recorder.elapsed()
     last_checkpoint = _save_last(accelerator, model, output_dir, state, recipe, data.tokenizer, stop_reason, say)
@@ -568,6 +581,8 @@ def _train(recipe, resume, model, announce, cleanup):
                "final_metrics": state.last_metrics,
                "first_metrics": recorder.history[0] if recorder.history else None,
                "tokens_per_s_mean": _mean_throughput(recorder.history)}
+    if watch is not None:
+        summary["compile"] = watch.summary()
     if accelerator.is_main_process:
         # under FSDP the student is sharded over the processes: export from the checkpoint just saved,
         # which holds the full student (model.safetensors) and the teacher

@@ -169,6 +169,12 @@ class TrainSection:
     mixed_precision: Optional[Literal["no", "bf16", "fp16", "auto"]] = None
     cpu: bool = False
     threads: Optional[int] = None
+    # true: the trained model's forward (and its backward) through torch.compile (inductor), compiled in
+    # place for this run (loop._prepare_model; checkpoints and exports keep the eager keys). Off by default:
+    # on the CPU the first step costs 75-115 s of compiling (10-20 s on a warm inductor cache) for 4-12%
+    # faster steps, which pays only in long runs at h256 and up (benchmarks/README.md, "torch.compile").
+    # The CPU needs a C++ compiler (g++, or $CXX). Not with FSDP.
+    compile: bool = False
     save_every: int = 500
     keep_last: int = 2
     overwrite: bool = False  # start from scratch in an output_dir that holds checkpoints (deletes them)
