@@ -463,13 +463,17 @@ def _start_accelerator(recipe, announce, cleanup):
     return accelerator, say
 
 
-def _prepare_model(recipe, data, accelerator, model=None, cleanup=None):
-    """Build (or take) the model and its optimizer, make the JEPA's EMA teacher from the full student
-    (before FSDP could shard it; the teacher stays outside prepare), then accelerate's prepare, then
+def _prepare_model(recipe, data, accelerator, model=None, cleanup=None, say=lambda line: None):
+    """Build (or take) the model (auto_attention picks its attention kernel) and its optimizer, make the
+    JEPA's EMA teacher from the full student (before FSDP could shard it; the teacher stays outside
+    prepare), then accelerate's prepare, then
     (train.compile) torch.compile of the unwrapped model's forward in place, undone by `cleanup`.
     -> (prepared model, prepared optimizer, unwrapped model)"""
     if model is None:
-        model = build_model(recipe, data.tokenizer)
+        model_recipe = auto_attention(recipe, accelerator)
+        if model_recipe is not recipe:
+            say("train.mixed_precision auto: bf16 autocast with eager attention (this CPU has AMX)")
+        model = build_model(model_recipe, data.tokenizer)
     model.to(accelerator.device)
     model.train()
     optimizer = build_optimizer(model, recipe, accelerator.device)
@@ -499,10 +503,7 @@ def _train(recipe, resume, model, announce, cleanup):
 
     setup_start = time.perf_counter()
     data = training_data(recipe, accelerator, output_dir)
-    model_recipe = auto_attention(recipe, accelerator)
-    if model_recipe is not recipe:
-        say("train.mixed_precision auto: bf16 autocast with eager attention (this CPU has AMX)")
-    model, optimizer, unwrapped = _prepare_model(model_recipe, data, accelerator, model, cleanup)
+    model, optimizer, unwrapped = _prepare_model(recipe, data, accelerator, model, cleanup, say)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
@@ -523,13 +524,7 @@ def _train(recipe, resume, model, announce, cleanup):
         lr, weight_decay = _set_schedules(optimizer, step, recipe)
         with compile_errors(train_cfg.compile, step):
             sums, grad_norm = _optimizer_step(accelerator, model, optimizer, batches, recipe, step)
-        momentum = None
-        if recipe.objective == "jepa":
-            momentum = schedules.ema_momentum(step, train_cfg.max_steps, recipe.ema.momentum_start,
-                                              recipe.ema.momentum_end, recipe.ema.schedule)
-            if momentum is not None:  # None: ema.schedule frozen
-                _update_teacher(accelerator, model, momentum)
-                state.ema_updates += 1
+        momentum = _ema_step(accelerator, model, recipe, step, state)
         state.step += 1
         state.tokens_seen += data.tokens_per_step
         recorder.step_done(data.tokens_per_step)
@@ -591,6 +586,19 @@ def _train(recipe, resume, model, announce, cleanup):
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _ema_step(accelerator, model, recipe, step, state):
+    """The teacher's EMA update after optimizer step `step` (JEPA only) -> the momentum used, or None
+    (MLM, or ema.schedule frozen)."""
+    if recipe.objective != "jepa":
+        return None
+    momentum = schedules.ema_momentum(step, recipe.train.max_steps, recipe.ema.momentum_start,
+                                      recipe.ema.momentum_end, recipe.ema.schedule)
+    if momentum is not None:
+        _update_teacher(accelerator, model, momentum)
+        state.ema_updates += 1
+    return momentum
 
 
 def _save_last(accelerator, model, output_dir: Path, state: TrainerState, recipe, tokenizer, stop_reason, say) -> Path:
