@@ -18,13 +18,14 @@ def test_compile_key_defaults_off_and_is_a_bool():
         parse_recipe({"train": {"compile": "fast"}})
 
 
-def test_no_cpp_compiler_is_one_line_before_any_step(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+def test_no_cpp_compiler_is_one_line_before_any_step(tiny_data, tmp_path):  # noqa: F811
     from torch._inductor import config
 
     from textjepa.cli import one_line
 
-    monkeypatch.setattr(config.cpp, "cxx", (None, str(tmp_path / "no-such-c++")))
-    with pytest.raises(RuntimeError, match=r"^train\.compile: torch\.compile needs a C\+\+ compiler") as err:
+    # torch's own config.patch (monkeypatch's undo of a torch config key deletes it for later tests)
+    with config.patch({"cpp.cxx": (None, str(tmp_path / "no-such-c++"))}), \
+            pytest.raises(RuntimeError, match=r"^train\.compile: torch\.compile needs a C\+\+ compiler") as err:
         loop.train(tiny_recipe(tiny_data, tmp_path / "run", **{"train.compile": True}), announce=quiet)
     line = one_line(err.value)
     assert "\n" not in line and "set train.compile: false" in line and "$CXX" in line
