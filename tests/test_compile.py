@@ -130,12 +130,10 @@ def test_compiled_run_matches_eager_keeps_keys_and_resumes(tiny_data, tmp_path, 
     assert Path(rest["checkpoint"]).name == "checkpoint-00000008"
 
 
-def test_compiled_mlm_baseline_matches_eager(tiny_data, tmp_path, monkeypatch):  # noqa: F811
-    """objective mlm (HF RobertaForMaskedLM) through the same switch (aot_eager, as above)."""
-    from textjepa.training import compiling
-
-    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
-    settings = {"objective": "mlm", "train.max_steps": 3}
+def _three_steps_compiled_match_eager(tiny_data, tmp_path, settings):  # noqa: F811
+    """A 3-step run with and without train.compile: every graph compiled by step 2, losses within rel
+    1e-5, the same checkpoint keys."""
+    settings = {**settings, "train.max_steps": 3}
     loop.train(tiny_recipe(tiny_data, tmp_path / "eager", **settings), announce=quiet)
     summary = loop.train(tiny_recipe(tiny_data, tmp_path / "compiled", **settings, **{"train.compile": True}),
                          announce=quiet)
@@ -146,6 +144,14 @@ def test_compiled_mlm_baseline_matches_eager(tiny_data, tmp_path, monkeypatch): 
     checkpoint = "checkpoint-00000003"
     assert _keys(tmp_path / "compiled" / checkpoint / "model.safetensors") == \
         _keys(tmp_path / "eager" / checkpoint / "model.safetensors")
+
+
+def test_compiled_mlm_baseline_matches_eager(tiny_data, tmp_path, monkeypatch):  # noqa: F811
+    """objective mlm (HF RobertaForMaskedLM) through the same switch (aot_eager, as above)."""
+    from textjepa.training import compiling
+
+    monkeypatch.setattr(compiling, "BACKEND", "aot_eager")
+    _three_steps_compiled_match_eager(tiny_data, tmp_path, {"objective": "mlm"})
 
 
 @pytest.mark.slow
@@ -154,17 +160,7 @@ def test_inductor_run_matches_eager(tiny_data, tmp_path):  # noqa: F811
     ~7 s on a warm one (/tmp/torchinductor_<user>), so no sentence target (fewer graphs) and 3 steps. Tolerance rel 1e-5 on the losses: inductor's fused fp32 kernels round differently from
     the eager ops (1e-7 relative seen over 8 steps of the quickstart objective), while a wrong graph (a
     stale teacher, a mask mix-up) moves a loss by far more than 1e-3."""
-    settings = {"train.max_steps": 3, "model.sentence_loss_weight": 0.0}
-    loop.train(tiny_recipe(tiny_data, tmp_path / "eager", **settings), announce=quiet)
-    summary = loop.train(tiny_recipe(tiny_data, tmp_path / "compiled", **settings, **{"train.compile": True}),
-                         announce=quiet)
-    assert summary["compile"]["graphs"] > 0 and summary["compile"]["last_compile_step"] <= 2, summary["compile"]
-    eager_losses, compiled_losses = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    for step in (1, 2, 3):
-        assert compiled_losses[step] == pytest.approx(eager_losses[step], rel=1e-5), step
-    checkpoint = "checkpoint-00000003"
-    assert _keys(tmp_path / "compiled" / checkpoint / "model.safetensors") == \
-        _keys(tmp_path / "eager" / checkpoint / "model.safetensors")
+    _three_steps_compiled_match_eager(tiny_data, tmp_path, {"model.sentence_loss_weight": 0.0})
 
 
 def test_compile_speed_benchmark_table_and_overrides():
