@@ -56,6 +56,7 @@ growth of torch.cuda.max_memory_allocated during its steps, i.e. what the varian
 """
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -102,6 +103,7 @@ PAD_TOKEN_ID = 1
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)
 def shipped_tokenizer():
     """The quickstart tokenizer shipped in the package: only its special ids are used (<s>=0 <pad>=1
     </s>=2 <unk>=3 <mask>=4, as MASK_TOKEN_ID / PAD_TOKEN_ID assume), for the recipe's masks."""

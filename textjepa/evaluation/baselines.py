@@ -154,9 +154,13 @@ def hybrid_retrieval(encoder, corpus, queries, qrels_by_split, weights=HYBRID_WE
         dense = _min_max(query_embeddings[q0:q0 + query_chunk] @ corpus_embeddings.T)  # (q, N), as search ranks
         for w in weights:
             top[w].extend(_top_k((1 - w) * lexical + w * dense, min(k, len(doc_ids))).tolist())
-    results = {w: retrieval_result({q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top[w])},
-                                   qrels_by_split, len(doc_ids), f"BM25 + {encoder.name}", name, start)
-               for w in weights}
-    by_weight = {w: results[w]["validation"]["ndcg_at_10"] for w in weights}
+    def result(w, splits):
+        rankings = {q: [doc_ids[i] for i in row] for q, row in zip(query_ids, top[w])}
+        return retrieval_result(rankings, splits, len(doc_ids), f"BM25 + {encoder.name}", name, start)
+
+    # the choice reads validation only; the other splits are scored once, at the chosen w
+    by_weight = {w: result(w, {"validation": qrels_by_split["validation"]})["validation"]["ndcg_at_10"]
+                 for w in weights}
     best = max(weights, key=lambda w: (by_weight[w], -w))
-    return dict(results[best], weight=best, validation_ndcg_by_weight=by_weight, seconds=time.time() - start)
+    return dict(result(best, qrels_by_split), weight=best, validation_ndcg_by_weight=by_weight,
+                seconds=time.time() - start)

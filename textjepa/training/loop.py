@@ -466,8 +466,8 @@ def _start_accelerator(recipe, announce, cleanup):
 def _prepare_model(recipe, data, accelerator, model=None, cleanup=None, say=lambda line: None):
     """Build (or take) the model (auto_attention picks its attention kernel) and its optimizer, make the
     JEPA's EMA teacher from the full student (before FSDP could shard it; the teacher stays outside
-    prepare), then accelerate's prepare, then
-    (train.compile) torch.compile of the unwrapped model's forward in place, undone by `cleanup`.
+    prepare), then accelerate's prepare, then (train.compile) torch.compile of the unwrapped model's
+    forward in place, undone by `cleanup`.
     -> (prepared model, prepared optimizer, unwrapped model)"""
     if model is None:
         model_recipe = auto_attention(recipe, accelerator)
