@@ -210,3 +210,35 @@ def test_gpu_check_dry_run(tmp_path):
     with tarfile.open(packed) as tar:
         names = tar.getnames()
     assert "small4min/export/model.safetensors" in names and "small4min/summary.json" in names
+
+
+def test_cooccurrence_encoder_puts_words_of_one_context_together(tmp_path):
+    """Two tokens used in the same contexts get close vectors, a token of other contexts does not; the
+    output is the input encoder with only its token table replaced, at the same scale."""
+    import numpy as np
+    import torch
+    from datasets import Dataset
+    import cooccurrence_encoder
+    from conftest import FILLER, POSITIVE
+    from transformers import AutoModel
+
+    encoder = tiny_encoder_dir(POSITIVE + FILLER, tmp_path / "encoder", seed=0)
+    rng = np.random.default_rng(0)
+    blocks = []
+    for i in range(400):  # topic blocks: tokens 5-15 with 31 or 32 among them; tokens 16-30 with 33
+        block = rng.integers(5, 16, 32) if i % 2 == 0 else rng.integers(16, 31, 32)
+        block[rng.integers(0, 32, 3)] = (31 if i % 4 == 0 else 32) if i % 2 == 0 else 33
+        blocks.append(block.tolist())
+    Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(tmp_path / "packed"))
+    cooccurrence_encoder.main(["--encoder", str(encoder), "--packed", str(tmp_path / "packed"),
+                               "--output", str(tmp_path / "cooc"), "--window", "3"])
+
+    before, after = AutoModel.from_pretrained(encoder), AutoModel.from_pretrained(tmp_path / "cooc")
+    table = after.get_input_embeddings().weight.detach()
+    unit = torch.nn.functional.normalize(table, dim=1)
+    same_context, other_context = float(unit[31] @ unit[32]), float(unit[31] @ unit[33])
+    assert same_context > 0.2 and abs(other_context) < 0.05  # (0.34 and 0.00 here)
+    assert float(unit[5] @ unit[6]) > 0.5 and abs(float(unit[5] @ unit[20])) < 0.05  # topic words: 0.79, 0.00
+    assert torch.isclose(table.std(), before.get_input_embeddings().weight.std(), rtol=1e-3)
+    rest = {k: v for k, v in after.state_dict().items() if "word_embeddings" not in k}
+    assert all(torch.equal(v, before.state_dict()[k]) for k, v in rest.items())
