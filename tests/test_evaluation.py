@@ -407,6 +407,22 @@ def test_hybrid_bm25_dense_fixes_what_each_ranker_misses():
         baselines.hybrid_retrieval(_LookupEncoder(), corpus, queries, {"test": qrels})
 
 
+def test_bm25_column_equals_hybrid_at_weight_zero_ties_included():
+    """Tied documents are ordered alike by every lexical ranker (lower corpus index first): the BM25 column
+    and "BM25 + model" at w = 0 are one ranking (bm25s.retrieve used to put the higher index first)."""
+    from textjepa.evaluation import baselines
+
+    corpus = {f"d{i}": f"u{i // 2} common text" for i in range(10)}  # d0 = d1, d2 = d3, ...: tied pairs
+    queries = {f"q{i}": f"u{i}" for i in range(5)}
+    qrels = {f"q{i}": {f"d{2 * i + 1}": 1} for i in range(5)}  # the second of each tied pair is relevant
+    by_split = {"validation": qrels, "test": qrels}
+    bm25 = baselines.bm25_retrieval(corpus, queries, by_split)
+    hybrid = baselines.hybrid_retrieval(_LookupEncoder(), corpus, queries, by_split, weights=(0.0,))
+    for split in by_split:
+        assert bm25[split] == hybrid[split]
+    assert bm25["test"]["recall_at_1"] == 0.0 and bm25["test"]["ndcg_at_10"] == pytest.approx(100 / np.log2(3))
+
+
 def test_probe_uses_sparse_tfidf_features_unscaled(data_dir):
     """Sparse (TF-IDF) features go to the logistic regression as they are; dense ones are standardised."""
     import scipy.sparse
