@@ -78,12 +78,19 @@ def tfidf_retrieval(corpus, queries, qrels_by_split, k=100, name="", query_chunk
     vectorizer = _tfidf([corpus[d] for d in doc_ids], min_df=1)
     documents = vectorizer.transform([corpus[d] for d in doc_ids]).T.tocsr()  # (V, N)
     query_vectors = vectorizer.transform([queries[q] for q in query_ids])
+    rankings = _rank(query_ids, doc_ids, lambda rows: (query_vectors[rows] @ documents).toarray(), k, query_chunk)
+    return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["tfidf"], name, start)
+
+
+def _rank(query_ids, doc_ids, scores_of, k, query_chunk):
+    """{query id: its top-k doc ids} from scores_of(slice of query rows) -> (q, N) scores, a chunk of
+    queries at a time. Every lexical ranker goes through _top_k here (or in hybrid_retrieval), so tied
+    documents come in one order everywhere: the lower corpus index first."""
     rankings = {}
     for q0 in range(0, len(query_ids), query_chunk):
-        scores = (query_vectors[q0:q0 + query_chunk] @ documents).toarray()  # (q, N)
-        top = _top_k(scores, k)
-        rankings.update({query_ids[q0 + r]: [doc_ids[i] for i in row] for r, row in enumerate(top)})
-    return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["tfidf"], name, start)
+        top = _top_k(scores_of(slice(q0, q0 + query_chunk)), k)
+        rankings.update({query_ids[q0 + r]: [doc_ids[i] for i in row] for r, row in enumerate(top.tolist())})
+    return rankings
 
 
 def _top_k(scores, k):
@@ -116,11 +123,9 @@ def bm25_retrieval(corpus, queries, qrels_by_split, k=100, name="", query_chunk=
     query_ids = list(dict.fromkeys(q for qrels in qrels_by_split.values() for q in qrels))
     retriever, tokenize = _bm25([corpus[d] for d in doc_ids])
     query_tokens = tokenize([queries[q] for q in query_ids])
-    rankings = {}
-    for q0 in range(0, len(query_ids), query_chunk):  # every score, then _top_k: the tie order of the other
-        # rankers and of hybrid_retrieval at w = 0 (bm25s.retrieve puts the higher index first: 0.4-0.8 nDCG@10)
-        top = _top_k(_bm25_scores(retriever, query_tokens[q0:q0 + query_chunk]), k)
-        rankings.update({query_ids[q0 + r]: [doc_ids[i] for i in row] for r, row in enumerate(top.tolist())})
+    # every score, then _rank's tie order, as hybrid_retrieval at w = 0 (bm25s.retrieve puts the higher index
+    # first among tied documents: 0.4-0.8 nDCG@10 on vitaminc_claims)
+    rankings = _rank(query_ids, doc_ids, lambda rows: _bm25_scores(retriever, query_tokens[rows]), k, query_chunk)
     return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["bm25"], name, start)
 
 
