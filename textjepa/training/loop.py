@@ -463,7 +463,7 @@ def _start_accelerator(recipe, announce, cleanup):
     return accelerator, say
 
 
-def _prepare_model(recipe, data, accelerator, model=None, cleanup=None, say=lambda line: None):
+def _prepare_model(recipe, data, accelerator, model, cleanup, say):
     """Build (or take) the model (auto_attention picks its attention kernel) and its optimizer, make the
     JEPA's EMA teacher from the full student (before FSDP could shard it; the teacher stays outside
     prepare), then accelerate's prepare, then (train.compile) torch.compile of the unwrapped model's
@@ -486,9 +486,7 @@ def _prepare_model(recipe, data, accelerator, model=None, cleanup=None, say=lamb
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     if recipe.train.compile:  # in place: the same module, state_dict keys unchanged (compiling.py)
-        undo = compile_forward(unwrapped, accelerator.device, _is_sharded(accelerator))
-        if cleanup is not None:
-            cleanup.callback(undo)
+        cleanup.callback(compile_forward(unwrapped, accelerator.device, _is_sharded(accelerator)))
     return model, optimizer, unwrapped
 
 
