@@ -370,11 +370,25 @@ def _tokenize_and_pack(batch, backend, sep_id, block_size):
     return {"input_ids": blocks, "dropped": dropped_col, "is_block": np.ones(num_blocks, dtype=bool)}
 
 
+def _whole_text_backend(tokenizer):
+    """The fast tokenizer's backend without the padding and truncation a tokenizer.json may carry (a saved
+    sentence-transformers model's pads every text to 128 ids): packing needs each document's ids, all of them."""
+    from tokenizers import Tokenizer
+
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is None and backend.truncation is None:
+        return backend
+    backend = Tokenizer.from_str(backend.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 def pack_dataset(docs, tokenizer, block_size, num_proc=1, streaming=False, desc="tokenize+pack"):
     """Tokenize a "text" dataset and pack it into blocks of block_size ids (see _tokenize_and_pack)."""
     import datasets
 
-    fn_kwargs = dict(backend=tokenizer.backend_tokenizer, sep_id=separator_token_id(tokenizer), block_size=block_size)
+    fn_kwargs = dict(backend=_whole_text_backend(tokenizer), sep_id=separator_token_id(tokenizer), block_size=block_size)
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
         "dropped": datasets.Value("int64"),

@@ -250,6 +250,7 @@ class TextJepaPreTrainedModel(PreTrainedModel):
         if isinstance(module, TextJepaPredictor):
             init.normal_(module.mask_token, mean=0.0, std=self.config.initializer_range)
 
+
     # Keys that belong to the encoder: any mismatch there means the checkpoint is not the model the
     # user asked for, and loading must fail instead of leaving random weights in place.
     @staticmethod
@@ -575,9 +576,22 @@ def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, gener
     return (error @ (weights * gaussian_cf)).mean()
 
 
+class ResidualPooledHead(nn.Module):
+    """x + MLP(x) for pooled vectors (N, H), the MLP's last layer zero at init (config.pooled_head_residual)."""
+
+    def __init__(self, hidden_size, width):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, width), nn.GELU(), nn.Linear(width, hidden_size))
+
+    def forward(self, pooled):
+        return pooled + self.mlp(pooled)
+
+
 def pooled_head(config):
     """The small MLP of the sentence-level targets: a pooled vector (N, H) -> an estimate (N, H)."""
     width = config.predictor_intermediate_size
+    if config.pooled_head_residual:
+        return ResidualPooledHead(config.hidden_size, width)
     return nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size))
 
 
@@ -626,6 +640,11 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         hidden = config.hidden_size
         self.context_predictor = nn.Linear(hidden, hidden) if config.context_loss_weight > 0 else None
         self.post_init()
+        with torch.no_grad():  # residual pooled heads start as the identity (weights loaded later replace this)
+            for head in (self.sentence_predictor, self.view_predictor):
+                if isinstance(head, ResidualPooledHead):
+                    head.mlp[-1].weight.zero_()
+                    head.mlp[-1].bias.zero_()
         object.__setattr__(self, "_teacher", None)  # bypass nn.Module registration on purpose
 
     # -- teacher ---------------------------------------------------------------------------------

@@ -50,6 +50,8 @@ def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
     from textjepa.data import load_tokenizer
 
     data = recipe.data
+    if recipe.model.init_from:
+        return _start_tokenizer(recipe)
     if data.tokenizer == QUICKSTART_NAME:
         return load_tokenizer(SHIPPED_TOKENIZER)
     if data.tokenizer:
@@ -70,6 +72,21 @@ def resolve_tokenizer(recipe, output_dir: Path, is_main: bool):
                     output_dir=str(trained_dir), text_column=data.text_column,
                     model_max_length=data.block_size)
     return load_tokenizer(trained_dir)
+
+
+def _start_tokenizer(recipe):
+    """model.init_from's own tokenizer; a data.tokenizer with another vocabulary is an error (the embeddings
+    are indexed by the checkpoint's ids)."""
+    from textjepa.conversion import read_start
+    from textjepa.data import load_tokenizer
+
+    start_dir = read_start(recipe.model.init_from).transformer_dir
+    tokenizer = load_tokenizer(start_dir)
+    given = recipe.data.tokenizer
+    if given and (given == QUICKSTART_NAME or load_tokenizer(given).get_vocab() != tokenizer.get_vocab()):
+        raise ValueError(f"data.tokenizer: {given} is not the tokenizer of model.init_from ({start_dir}); leave "
+                         "data.tokenizer null to use the checkpoint's own")
+    return tokenizer
 
 
 def load_blocks(recipe, tokenizer, output_dir: Path):

@@ -8,11 +8,15 @@ import torch
 
 def jepa_config(recipe, tokenizer):
     """The recipe's model and ema sections are TextJepaConfig fields (recipe.model_config_kwargs), plus the
-    tokenizer's vocabulary size and special ids."""
+    tokenizer's vocabulary size and special ids; with model.init_from the checkpoint sets the encoder fields."""
     from textjepa import TextJepaConfig
 
     from .recipe import model_config_kwargs
 
+    if recipe.model.init_from:
+        from textjepa.conversion import read_start
+
+        return read_start(recipe.model.init_from).textjepa_config(**model_config_kwargs(recipe))
     return TextJepaConfig(
         vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **model_config_kwargs(recipe))
@@ -51,7 +55,12 @@ def build_model(recipe, tokenizer):
         return RobertaForMaskedLM(mlm_config(recipe, tokenizer))
     from textjepa import TextJepaForPreTraining
 
-    return TextJepaForPreTraining(jepa_config(recipe, tokenizer))
+    model = TextJepaForPreTraining(jepa_config(recipe, tokenizer))
+    if recipe.model.init_from:  # the student starts as the checkpoint; the teacher is copied from it later
+        from textjepa.conversion import read_start
+
+        model.textjepa.load_state_dict(read_start(recipe.model.init_from).textjepa_state_dict(), strict=True)
+    return model
 
 
 def encoder_of(model):

@@ -284,6 +284,8 @@ def save_checkpoint(accelerator, model, output_dir: Path, state: TrainerState, r
                 save_file(teacher, str(tmp_dir / TEACHER_FILE))
             unwrapped.config.save_pretrained(tmp_dir)
             tokenizer.save_pretrained(str(tmp_dir / "tokenizer"))
+            if (output_dir / "source").is_dir():  # model.init_from: the checkpoint's template (conversion.py)
+                shutil.copytree(output_dir / "source", tmp_dir / "source")
             recipe.save(tmp_dir / "recipe.yaml")
             write_trainer_state(tmp_dir, state)
     except Exception as err:

@@ -46,7 +46,9 @@ def model_card(recipe, trainer_state, which: str) -> str:
     metrics = dict(trainer_state.last_metrics or {}) if trainer_state is not None else {}
     figures = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                         for k, v in metrics.items() if v is not None)
-    kind = (f"Text-JEPA encoder ({which} of the EMA pair)" if recipe.objective == "jepa"
+    kind = (f"Text-JEPA encoder ({which} of the EMA pair)" + (
+                f", continued from {recipe.model.init_from} and saved in its architecture (no trust_remote_code "
+                "needed)" if recipe.model.init_from else "") if recipe.objective == "jepa"
             else "RoBERTa-style encoder trained with masked language modelling (textjepa MLM baseline)")
     steps = trainer_state.step if trainer_state is not None else "?"
     tokens = f"{trainer_state.tokens_seen:,}" if trainer_state is not None else "?"
@@ -112,12 +114,16 @@ def write_sentence_transformers_layout(export_dir, config, tokenizer) -> None:
           hidden_size=config.hidden_size)
 
 
-def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", trainer_state=None) -> Path:
+def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", trainer_state=None,
+                 source_template=None) -> Path:
     """Write the encoder, the tokenizer, the sentence-transformers layout and README.md into output_dir
     (model: the unwrapped TextJepaForPreTraining or RobertaForMaskedLM). A JEPA export also carries
     `auto_map` and configuration_textjepa.py / modeling_textjepa.py, so it loads with
-    trust_remote_code=True where textjepa is not installed. Written into `.tmp-export-<name>` beside it and then
-    renamed, so output_dir always holds one whole export (a previous one is replaced)."""
+    trust_remote_code=True where textjepa is not installed. A run that started from a checkpoint
+    (model.init_from; source_template: its run's or checkpoint's source/ folder) is written in the source
+    architecture instead (BertModel / RobertaModel, the source's tokenizer, pooling and normalisation).
+    Written into `.tmp-export-<name>` beside it and then renamed, so output_dir always holds one whole export
+    (a previous one is replaced)."""
     output_dir = Path(output_dir)
     check_finite(model, f"{output_dir}: the model to export")
     if output_dir.exists() and not output_dir.is_dir():
@@ -129,13 +135,20 @@ def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", t
     tmp_dir = output_dir.parent / f".tmp-export-{output_dir.name}"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
-    if recipe.objective == "jepa":
-        model.export_encoder(str(tmp_dir), which=which, auto_map=True)  # + the two model files
+    if source_template is not None:
+        from textjepa.conversion import export_in_source_architecture
+
+        encoder = model.teacher if which == "teacher" else model.textjepa
+        export_in_source_architecture(encoder, source_template, tmp_dir)  # + its tokenizer and ST layout
+        fault_point("export", trainer_state.step if trainer_state is not None else -1)
     else:
-        _export_mlm_encoder(model, tmp_dir)
-    fault_point("export", trainer_state.step if trainer_state is not None else -1)
-    tokenizer.save_pretrained(str(tmp_dir))
-    write_sentence_transformers_layout(tmp_dir, model.config, tokenizer)
+        if recipe.objective == "jepa":
+            model.export_encoder(str(tmp_dir), which=which, auto_map=True)  # + the two model files
+        else:
+            _export_mlm_encoder(model, tmp_dir)
+        fault_point("export", trainer_state.step if trainer_state is not None else -1)
+        tokenizer.save_pretrained(str(tmp_dir))
+        write_sentence_transformers_layout(tmp_dir, model.config, tokenizer)
     (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
     fsync_tree(tmp_dir)
     if output_dir.exists():  # a previous export: swap it out, then delete it
@@ -171,7 +184,12 @@ def load_checkpoint_model(checkpoint_dir):
         raise ExportError(f"{checkpoint_dir / COMPLETE_MARKER}: expected the JSON object a checkpoint "
                           f"writes ({err})") from None
     tokenizer = load_tokenizer(checkpoint_dir / "tokenizer")
-    model = build_model(recipe, tokenizer)
+    if recipe.model.init_from:  # the architecture is the checkpoint's own config.json, not the (maybe moved) start
+        from textjepa import TextJepaConfig, TextJepaForPreTraining
+
+        model = TextJepaForPreTraining(TextJepaConfig.from_pretrained(checkpoint_dir))
+    else:
+        model = build_model(recipe, tokenizer)
     weights = load_file(str(checkpoint_dir / "model.safetensors"))
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -199,7 +217,14 @@ def load_checkpoint_model(checkpoint_dir):
 def export_checkpoint(checkpoint_dir, output_dir, which: str = "teacher") -> Path:
     recipe, model, tokenizer, state = load_checkpoint_model(checkpoint_dir)
     check_finite(model, checkpoint_dir)
-    return export_model(model, recipe, tokenizer, output_dir, which=which, trainer_state=state)
+    template = None
+    if recipe.model.init_from:
+        template = Path(checkpoint_dir) / "source"
+        if not template.is_dir():
+            raise ExportError(f"{template}: missing; a checkpoint of a run with model.init_from keeps the source "
+                              "architecture's template there (config, tokenizer, untrained tensors)")
+    return export_model(model, recipe, tokenizer, output_dir, which=which, trainer_state=state,
+                        source_template=template)
 
 
 def main(argv=None) -> int:

@@ -323,6 +323,13 @@ def _prepare_output_dir(accelerator, recipe, resume: bool, say) -> Path:
         for stale in ckpt.remove_stale_tmp(output_dir):
             say(f"removed half-written {stale.name} (interrupted save)")
         recipe.save(output_dir / "recipe.yaml")
+        if recipe.model.init_from:  # what the export needs to write the checkpoint's architecture back
+            from textjepa.conversion import read_start
+            from textjepa.data import check_block_size
+
+            start = read_start(recipe.model.init_from)
+            check_block_size(recipe.data.block_size, start.textjepa_config().max_position_embeddings)
+            start.save_template(output_dir / "source")
     accelerator.wait_for_everyone()
     return output_dir
 
@@ -630,7 +637,8 @@ def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_l
         from .export import export_model
 
         export_dir = output_dir / "export"
-        export_model(unwrapped, recipe, tokenizer, export_dir, which=train_cfg.export_which, trainer_state=state)
+        export_model(unwrapped, recipe, tokenizer, export_dir, which=train_cfg.export_which, trainer_state=state,
+                     source_template=output_dir / "source" if recipe.model.init_from else None)
         summary["export"] = str(export_dir)
         if train_cfg.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
             from textjepa.evaluation.embedding import ship_whitening

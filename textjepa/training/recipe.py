@@ -61,14 +61,19 @@ ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; map
 
     vocab_size and pad_token_id come from the tokenizer; max_position_embeddings defaults to
     data.block_size. Fields left at null keep TextJepaConfig's own default.
+    init_from: a local BERT / RoBERTa / XLM-RoBERTa directory or a sentence-transformers folder holding one
+    (textjepa.conversion): the student and the teacher start as that checkpoint, converted exactly; its
+    architecture sets the encoder fields (sizes, epsilon, activation, positions: the ones here are not used),
+    its tokenizer drives the data, and the export is written back in its architecture.
     """, TextJepaConfig, [
     "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings?",
     "position_embedding_type?", "norm_placement?", "hidden_dropout_prob", "attention_probs_dropout_prob",
     "predictor_hidden_size?", "predictor_num_hidden_layers?", "predictor_num_attention_heads?",
     "target_num_layers?", "target_norm?", "loss_type?", "smooth_l1_beta?", "variance_reg_weight?",
     "sentence_loss_weight?", "token_loss_weight?", "span_loss_weight?", "cross_view_loss_weight?",
-    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "classifier_pooling?"],
-    extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None)])  # a PreTrainedConfig kwarg
+    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "pooled_head_residual?", "classifier_pooling?"],
+    extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None),  # a PreTrainedConfig kwarg
+           ("init_from", Optional[str], None)])  # not a config field: build.build_model reads it
 
 
 @dataclass
@@ -341,6 +346,9 @@ def _validate(recipe: Recipe) -> None:
                           "source file); unset one of them")
     if recipe.data.weights is not None and recipe.data.streaming:
         raise RecipeError("data.weights: not supported with data.streaming yet; unset one of them")
+    if recipe.model.init_from and recipe.objective != "jepa":
+        raise RecipeError("model.init_from: only objective jepa continues a checkpoint here; for continued MLM use "
+                          "transformers' run_mlm.py (benchmarks/adapt.py runs it as a peer)")
     if recipe.data.streaming and recipe.data.packed_path:
         raise RecipeError("data.packed_path: already packed blocks are read from disk, not streamed; set "
                           "data.streaming: false to use them, or data.packed_path: null to stream data.source")
@@ -384,7 +392,7 @@ def _check_bounds(recipe: Recipe) -> None:
 def model_config_kwargs(recipe: Recipe) -> dict:
     """TextJepaConfig's keyword arguments from the model and ema sections (build.jepa_config adds the
     tokenizer's): null keeps the config's default, max_position_embeddings defaults to data.block_size."""
-    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None}
+    kwargs = {k: v for k, v in dataclasses.asdict(recipe.model).items() if v is not None and k != "init_from"}
     kwargs.setdefault("max_position_embeddings", recipe.data.block_size)
     kwargs.update({EMA_PREFIX + k: v for k, v in dataclasses.asdict(recipe.ema).items()})
     return kwargs
