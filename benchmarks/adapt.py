@@ -137,7 +137,7 @@ def score_snapshot(path, target_set, sts_spec) -> dict:
     name, corpus, queries, by_split = target_set
     result = {"retrieval": evaluate_retrieval(encoder, corpus, queries, by_split, name=name)}
     if sts_spec is not None:
-        result["sts"] = {split: evaluate_sts_task(encoder, sts_spec, split=split) for split in ("validation", "test")}
+        result["sts"] = {split: evaluate_sts_task(encoder, sts_spec, split=split) for split in by_split}
     return result
 
 
@@ -168,6 +168,8 @@ def half_width(result, split):
 
 
 def cell(result, split, key=None):
+    if split not in result:  # --sweep reads validation only
+        return "-"
     key = key or result["metric"]
     value, width = result[split][key], half_width(result, split)
     return f"{value:.1f}" + (f" ± {width:.1f}" if width is not None else "")
@@ -185,11 +187,11 @@ def write_report(out: Path, report: dict) -> None:
              f"tried: {', '.join(f'{lr:g}' for lr in report['lrs'])}. Machine: {report['machine']}.",
              "",
              "| method | lr | chosen at (min) | steps | tokens | nDCG@10 val | nDCG@10 test | BM25 + model test (w) "
-             "| STS-B zero-shot test | " + " | ".join(f"{p} probe test" for p in report["probe_names"]) + " |",
+             f"| STS-B zero-shot {report['sts_split']} | " + " | ".join(f"{p} probe test" for p in report["probe_names"]) + " |",
              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(report["probe_names"])]
     for method, row in rows.items():
         retrieval, hybrid = row["scores"]["retrieval"], row.get("final", {}).get("hybrid")
-        sts = row["scores"].get("sts", {}).get("test")
+        sts = row["scores"].get("sts", {}).get("test") or row["scores"].get("sts", {}).get("validation")
         probes = row.get("final", {}).get("probes", [])
         lines.append("| " + " | ".join([
             method, f"{row['lr']:g}" if row["lr"] else "-", f"{row['minutes']:g}", f"{row['steps']:,}",
@@ -199,12 +201,13 @@ def write_report(out: Path, report: dict) -> None:
     for name, result in report["baselines"].items():
         lines.append(f"| {name} | - | - | - | - | {cell(result, 'validation')} | {cell(result, 'test')} | - | - |"
                      + " - |" * len(report["probe_names"]))
-    lines += ["", "Every run, every snapshot (validation nDCG@10 / test nDCG@10 / STS-B test):", "",
-              "| method | lr | minutes | steps | tokens | nDCG@10 val | nDCG@10 test | STS-B test |",
+    lines += ["", "Every run, every snapshot:", "",
+              f"| method | lr | minutes | steps | tokens | nDCG@10 val | nDCG@10 test | STS-B {report['sts_split']} |",
               "|---|---|---|---|---|---|---|---|"]
     for run in report["runs"]:
         for point in run["points"]:
             retrieval, sts = point["scores"]["retrieval"], point["scores"].get("sts", {}).get("test")
+            sts = sts or point["scores"].get("sts", {}).get("validation")
             lines.append(f"| {run['method']} | {run['lr']:g} | {point['minutes']:g} | {point['steps']:,} | "
                          f"{point['tokens']:,} | {cell(retrieval, 'validation')} | {cell(retrieval, 'test')} | "
                          f"{cell(sts, 'test') if sts else '-'} |")
@@ -257,6 +260,8 @@ def parse_args(argv=None):
                              "the probes of the others for the chosen snapshots")
     parser.add_argument("--probe-max-examples", type=int, default=None, help="cap each probe split (speed)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sweep", action="store_true",
+                        help="validation choices only: no BM25 + model, probes or lexical baselines (faster)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--machine", default="2-core CPU", help="said in results.md")
     return parser.parse_args(argv)
@@ -272,7 +277,10 @@ def main(argv=None) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     corpus, queries, qrels = load_beir(str(args.target))
-    target_set = (args.target.name, corpus, queries, validation_test_qrels(str(args.target), qrels))
+    by_split = validation_test_qrels(str(args.target), qrels)
+    if args.sweep:  # choices are made on validation; the test half is not even scored
+        by_split = {"validation": by_split["validation"]}
+    target_set = (args.target.name, corpus, queries, by_split)
     sts_spec, probe_specs = None, []
     if args.eval_data:
         for task_dir in sorted(p for p in args.eval_data.iterdir() if (p / "task.json").is_file()):
@@ -312,14 +320,17 @@ def main(argv=None) -> dict:
                                         > figure(chosen[method]["scores"]["retrieval"], "validation")):
                 chosen[method] = dict(best, lr=lr)
             (args.out / "runs.json").write_text(json.dumps(runs, indent=1, default=str))
-    for method, row in chosen.items():  # the chosen snapshots only
-        row["final"] = final_scores(row["path"], target_set, probe_specs)
-    name, corpus_, queries_, by_split = target_set
-    baselines = {"BM25": lexical.bm25_retrieval(corpus_, queries_, by_split, name=name),
-                 "TF-IDF": lexical.tfidf_retrieval(corpus_, queries_, by_split, name=name)}
+    baselines = {}
+    if not args.sweep:
+        for method, row in chosen.items():  # the chosen snapshots only
+            row["final"] = final_scores(row["path"], target_set, probe_specs)
+        name, corpus_, queries_, by_split = target_set
+        baselines = {"BM25": lexical.bm25_retrieval(corpus_, queries_, by_split, name=name),
+                     "TF-IDF": lexical.tfidf_retrieval(corpus_, queries_, by_split, name=name)}
     report = {"start": str(args.start), "target": str(args.target), "minutes": args.minutes, "lrs": args.lrs,
-              "num_documents": len(corpus), "num_queries": {s: len(q) for s, q in by_split.items()},
-              "probe_names": [s.name for s in probe_specs], "machine": args.machine,
+              "num_documents": len(corpus), "num_queries": {s: len(q) for s, q in target_set[3].items()},
+              "sts_split": "validation" if args.sweep else "test",
+              "probe_names": [] if args.sweep else [s.name for s in probe_specs], "machine": args.machine,
               "command": "python benchmarks/adapt.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "runs": runs, "chosen": chosen, "baselines": baselines}
     (args.out / "results.json").write_text(json.dumps(report, indent=1, default=lambda o: o.tolist()

@@ -7,7 +7,13 @@ from conftest import tiny_config_kwargs
 
 from textjepa import TextJepaConfig, TextJepaForPreTraining, pool_hidden_states
 from textjepa.masking import MaskingConfig, SpanMaskCollator, split_views
-from textjepa.modeling_textjepa import cosine_distance, sigreg_statistic, span_means, vicreg_regularizer
+from textjepa.modeling_textjepa import (
+    cosine_distance,
+    sigreg_statistic,
+    span_means,
+    uniformity_loss,
+    vicreg_regularizer,
+)
 
 SEP = 2
 
@@ -97,9 +103,17 @@ def test_pooled_guards_tell_gaussian_from_collapsed():
     x = collapsed.clone().requires_grad_(True)
     sigreg_statistic(x, 64).backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # uniformity: spread directions near log E exp(-2 * 2) = -4 on the sphere, one direction 0; its gradient
+    # pushes a tight cluster apart
+    assert uniformity_loss(gaussian).item() < -3.5 and uniformity_loss(collapsed).item() > -0.01
+    y = (collapsed + 0.05 * torch.randn(512, 32)).requires_grad_(True)
+    loss = uniformity_loss(y)
+    loss.backward()
+    with torch.no_grad():
+        assert uniformity_loss(y - 1.0 * y.grad).item() < loss.item()
 
 
-@pytest.mark.parametrize("reg", ["vicreg", "sigreg"])
+@pytest.mark.parametrize("reg", ["vicreg", "sigreg", "uniformity"])
 def test_concept_terms_train_student_and_heads_never_the_teacher(reg):
     model = make_model(span_loss_weight=1.0, cross_view_loss_weight=1.0, sentence_loss_weight=1.0,
                        bottleneck_loss_weight=0.5, pooled_reg=reg, pooled_reg_weight=0.1)

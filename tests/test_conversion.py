@@ -284,3 +284,20 @@ def test_adapt_run_exports_source_architecture_loadable_without_textjepa_and_res
 
     start = read_start(tmp_path / "st").textjepa_state_dict()  # and the six steps did move the student
     assert not torch.equal(whole["textjepa.layers.0.attention.qkv.weight"], start["layers.0.attention.qkv.weight"])
+
+
+@pytest.mark.parametrize("init_from, expected", [
+    ("{tmp}/nowhere", "model.init_from: {tmp}/nowhere: not a directory"),
+    ("{tmp}/deberta", "model_type 'deberta-v2' is not supported; expected one of ['bert', 'roberta', 'xlm-roberta']"),
+])
+def test_cli_names_a_bad_start_in_one_line(tmp_path, capsys, init_from, expected):
+    from textjepa.cli import main as cli_main
+
+    (tmp_path / "deberta").mkdir()
+    (tmp_path / "deberta" / "config.json").write_text(json.dumps({"model_type": "deberta-v2"}))
+    (tmp_path / "corpus.txt").write_text(generated_corpus(20))
+    code = cli_main(["train", "--recipe", "adapt", "--set", f"model.init_from={init_from.format(tmp=tmp_path)}",
+                     "--set", f"data.source={tmp_path / 'corpus.txt'}", "--set", f"train.output_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and len(err.splitlines()) == 1 and expected.format(tmp=tmp_path) in err, err
+    assert "Traceback" not in err

@@ -139,7 +139,9 @@ class TextJepaConfig(PreTrainedConfig):
         pooled_reg, pooled_reg_weight: a guard on the geometry of the student's pooled context vectors
             (B*K, H): "vicreg" (hinge on each dimension's std up to 1 + squared off-diagonal covariance)
             or "sigreg" (LeJEPA: Epps-Pulley normality test on sigreg_num_slices random 1-D projections,
-            pushing the batch towards an isotropic Gaussian); "none" (default) or weight 0 = off.
+            pushing the batch towards an isotropic Gaussian) or "uniformity" (Wang & Isola: the log mean
+            Gaussian potential of the L2-normalised vectors, which spreads them over the sphere as in-batch
+            negatives do, with no pair called a negative); "none" (default) or weight 0 = off.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -191,7 +193,7 @@ class TextJepaConfig(PreTrainedConfig):
     cross_view_target: Literal["teacher", "student"] = "teacher"
     bottleneck_loss_weight: float = 0.0
     context_loss_weight: float = 0.0
-    pooled_reg: Literal["none", "vicreg", "sigreg"] = "none"
+    pooled_reg: Literal["none", "vicreg", "sigreg", "uniformity"] = "none"
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
     pooled_head_residual: bool = False

@@ -554,6 +554,16 @@ def vicreg_regularizer(embeddings):
     return variance + off_diagonal.pow(2).sum() / x.shape[1]
 
 
+def uniformity_loss(embeddings, t=2.0):
+    """Wang & Isola's uniformity of a batch (N, H) on the unit sphere: log of the mean Gaussian potential
+    exp(-t ||u - v||^2) over all pairs (lower = spread out). The spreading half of what in-batch negatives
+    give SimCSE, without any pair being declared a negative."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    if unit.shape[0] < 2:
+        return unit.sum() * 0.0
+    return torch.pdist(unit).pow(2).mul(-t).exp().mean().log()
+
+
 def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, generator=None):
     """SIGReg (LeJEPA, Balestriero & LeCun 2025): how far a batch (N, H) is from an isotropic Gaussian.
 
@@ -955,6 +965,8 @@ class TextJepaForPreTraining(TextJepaPreTrainedModel):
         """config.pooled_reg on pooled vectors (M, H): the VICReg hinge + covariance, or SIGReg's normality test."""
         if self.config.pooled_reg == "vicreg":
             return vicreg_regularizer(vectors)
+        if self.config.pooled_reg == "uniformity":
+            return uniformity_loss(vectors)
         return sigreg_statistic(vectors, self.config.sigreg_num_slices)
 
     def _weighted_output(self, terms, predictions, targets, projections, student):

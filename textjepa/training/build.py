@@ -60,7 +60,19 @@ def build_model(recipe, tokenizer):
         from textjepa.conversion import read_start
 
         model.textjepa.load_state_dict(read_start(recipe.model.init_from).textjepa_state_dict(), strict=True)
+    freeze_student_parts(model.textjepa, recipe.optim.freeze_embeddings, recipe.optim.freeze_layers)
     return model
+
+
+def freeze_student_parts(encoder, embeddings: bool, layers: int) -> None:
+    """optim.freeze_embeddings / optim.freeze_layers: no gradients for the embeddings / the lowest `layers`
+    layers of the student (the EMA teacher then keeps them as they started)."""
+    if layers > len(encoder.layers):
+        raise ValueError(f"optim.freeze_layers: {layers} is more than the encoder's {len(encoder.layers)} layers")
+    if embeddings:
+        encoder.embeddings.requires_grad_(False)
+    for layer in encoder.layers[:layers]:
+        layer.requires_grad_(False)
 
 
 def encoder_of(model):

@@ -42,7 +42,7 @@ def _export_mlm_encoder(mlm_model, output_dir: Path) -> None:
     encoder.save_pretrained(output_dir)
 
 
-def model_card(recipe, trainer_state, which: str) -> str:
+def model_card(recipe, trainer_state, which: str, config) -> str:
     metrics = dict(trainer_state.last_metrics or {}) if trainer_state is not None else {}
     figures = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                         for k, v in metrics.items() if v is not None)
@@ -52,7 +52,8 @@ def model_card(recipe, trainer_state, which: str) -> str:
             else "RoBERTa-style encoder trained with masked language modelling (textjepa MLM baseline)")
     steps = trainer_state.step if trainer_state is not None else "?"
     tokens = f"{trainer_state.tokens_seen:,}" if trainer_state is not None else "?"
-    m = recipe.model
+    m = config  # the encoder's own sizes (with model.init_from: the checkpoint's, not the recipe's defaults)
+    remote = "" if recipe.model.init_from else ", trust_remote_code=True"
     return f"""---
 library_name: transformers
 tags: [textjepa, {recipe.objective}, feature-extraction, sentence-transformers]
@@ -66,18 +67,19 @@ hidden size {m.hidden_size}, {m.num_attention_heads} heads, blocks of {recipe.da
 ```python
 from transformers import AutoModel, AutoTokenizer
 tokenizer = AutoTokenizer.from_pretrained("PATH")
-model = AutoModel.from_pretrained("PATH", trust_remote_code=True)  # or `import textjepa` first
+model = AutoModel.from_pretrained("PATH"{remote}){"" if recipe.model.init_from else "  # or `import textjepa` first"}
 batch = tokenizer(["A sentence to embed."], return_tensors="pt")
 states = model(**batch).last_hidden_state                     # (batch, tokens, hidden)
 mask = batch["attention_mask"].unsqueeze(-1)
 embedding = (states * mask).sum(1) / mask.sum(1)             # mean pooling
 ```
 
-Sentence embeddings as textjepa's SentenceEncoder gives them (mean pooling, shipped whitening, L2 norm):
+Sentence embeddings as textjepa's SentenceEncoder gives them (the pooling, shipped whitening and normalisation
+of modules.json):
 
 ```python
 from sentence_transformers import SentenceTransformer
-vectors = SentenceTransformer("PATH", trust_remote_code=True).encode(["A sentence to embed."])
+vectors = SentenceTransformer("PATH"{remote}).encode(["A sentence to embed."])
 ```
 {"The pooler of this RobertaModel is untrained (added so AutoModel loads without warnings); use mean pooling." if recipe.objective == "mlm" else ""}
 
@@ -149,7 +151,7 @@ def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", t
         fault_point("export", trainer_state.step if trainer_state is not None else -1)
         tokenizer.save_pretrained(str(tmp_dir))
         write_sentence_transformers_layout(tmp_dir, model.config, tokenizer)
-    (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which))
+    (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which, model.config))
     fsync_tree(tmp_dir)
     if output_dir.exists():  # a previous export: swap it out, then delete it
         old = output_dir.parent / f".tmp-export-old-{output_dir.name}"

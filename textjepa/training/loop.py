@@ -657,7 +657,8 @@ def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_l
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
 
 
-LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "pooled_reg")  # model's loss_terms
+LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "context_loss",
+              "pooled_reg")  # the names TextJepaForPreTraining.forward puts in loss_terms
 
 
 def _mean_throughput(history: list[dict]) -> float | None:

@@ -135,7 +135,9 @@ MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textje
 class OptimSection:
     """AdamW with linear warmup then cosine decay to min_lr; weight decay follows a cosine from
     weight_decay to weight_decay_end (null: constant). No decay on biases, norms and mask tokens.
-    warmup_steps may exceed train.max_steps (short smoke runs): the LR then only ramps up."""
+    warmup_steps may exceed train.max_steps (short smoke runs): the LR then only ramps up.
+    freeze_embeddings / freeze_layers: keep the student's embeddings / its lowest N transformer layers fixed
+    (no gradients, not in the optimizer), the usual guard against forgetting when continuing a checkpoint."""
 
     lr: float = 5e-4
     min_lr: float = 1e-5
@@ -146,6 +148,8 @@ class OptimSection:
     weight_decay_end: Optional[float] = None
     grad_clip: float = 1.0
     fused: Optional[bool] = None
+    freeze_embeddings: bool = False
+    freeze_layers: int = 0
 
 
 EmaSection = _config_section("EmaSection", """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step: TextJepaConfig's
@@ -365,6 +369,7 @@ BOUNDS = {
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.warmup_steps": NON_NEGATIVE,
     "optim.betas[0]": UNIT_RIGHT_OPEN, "optim.betas[1]": UNIT_RIGHT_OPEN, "optim.eps": POSITIVE,
     "optim.weight_decay": NON_NEGATIVE, "optim.weight_decay_end": NON_NEGATIVE, "optim.grad_clip": NON_NEGATIVE,
+    "optim.freeze_layers": NON_NEGATIVE,
     "train.max_steps": AT_LEAST_ONE, "train.batch_size": AT_LEAST_ONE, "train.grad_accum": AT_LEAST_ONE,
     "train.seed": NON_NEGATIVE, "train.threads": AT_LEAST_ONE, "train.save_every": AT_LEAST_ONE,
     "train.keep_last": AT_LEAST_ONE, "train.export_whiten_docs": AT_LEAST_ONE, "train.stop_after": AT_LEAST_ONE,
