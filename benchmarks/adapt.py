@@ -120,7 +120,9 @@ def random_init_copy(start: Path, out: Path) -> Path:
     model = SentenceTransformer(str(start), device="cpu")
     transformer = model[0].auto_model
     torch.manual_seed(0)
-    transformer.apply(transformer._init_weights)
+    # a new model from the config: re-running _init_weights on loaded tensors is a no-op in transformers 5
+    fresh = type(transformer)(transformer.config)
+    transformer.load_state_dict(fresh.state_dict())
     model.save(str(out))
     return out
 
@@ -182,7 +184,7 @@ def write_report(out: Path, report: dict) -> None:
     lines = [f"# Domain adaptation at equal training time: {report['minutes']} min per run",
              "",
              f"Start `{report['start']}`, target `{report['target']}` ({report['num_documents']:,} documents, the whole "
-             f"corpus searched; {report['num_queries']['validation']} validation / {report['num_queries']['test']} test "
+             f"corpus searched; " + " / ".join(f"{n} {split}" for split, n in report['num_queries'].items()) + " "
              f"queries). Each method's learning rate and stopping point chosen on validation nDCG@10; learning rates "
              f"tried: {', '.join(f'{lr:g}' for lr in report['lrs'])}. Machine: {report['machine']}.",
              "",
@@ -233,7 +235,7 @@ def plot(out: Path, report: dict) -> None:
         ax.axhline(figure(report["baselines"]["BM25"], "validation"), color="gray", linestyle="--", label="BM25")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("nDCG@10, validation queries")
-    ax.set_title(f"{Path(report['target']).name}: adapting {Path(report['start']).name}")
+    ax.set_title(f"{Path(report['target']).name}: adapting {'/'.join(Path(report['start']).parts[-2:])}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ndcg_vs_minutes.png", dpi=120)

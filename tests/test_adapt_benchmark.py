@@ -43,6 +43,9 @@ def test_adapt_benchmark_smoke(tmp_path):
     for run in trained:
         assert [p["minutes"] for p in run["points"]] == [0.01, 0.02] and run["points"][-1]["steps"] >= 1
         assert run["points"][-1]["tokens"] > 0
+    # the floor is a fresh initialisation, not the start again
+    assert report["chosen"]["random"]["scores"]["sts"]["test"]["test"]["spearman"] != \
+        report["chosen"]["start"]["scores"]["sts"]["test"]["test"]["spearman"]
     textjepa = report["chosen"]["textjepa"]
     assert json.loads((Path(textjepa["path"]) / "config.json").read_text())["model_type"] == "bert"
     assert textjepa["final"]["hybrid"]["weight"] is not None and textjepa["final"]["probes"]
@@ -51,3 +54,16 @@ def test_adapt_benchmark_smoke(tmp_path):
         assert row in table
     assert (tmp_path / "out" / "ndcg_vs_minutes.png").stat().st_size > 0
     assert json.loads((tmp_path / "out" / "results.json").read_text())["minutes"] == 0.02
+
+
+def test_adapt_benchmark_sweep_reads_validation_only(tmp_path):
+    import adapt
+
+    random_source(tmp_path / "start", "bert", sentence_transformers=True)
+    target = tiny_beir(tmp_path / "target")
+    report = adapt.main(["--start", str(tmp_path / "start"), "--target", str(target), "--minutes", "0.01",
+                         "--out", str(tmp_path / "out"), "--snapshots", "1", "--methods", "simcse", "--sweep",
+                         "--batch-size", "4", "--max-length", "32", "--threads", "1"])
+    point = report["runs"][0]["points"][0]
+    assert list(point["scores"]["retrieval"]["num_queries"]) == ["validation"]  # the test half is not scored
+    assert "| simcse |" in (tmp_path / "out" / "results.md").read_text() and not report["baselines"]
