@@ -241,8 +241,36 @@ pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
 st = SentenceTransformer(export, device="cpu")
 vectors = st.encode(texts)
 assert "textjepa" not in sys.modules
+mteb_score = None
+try:
+    import mteb
+except ImportError:
+    mteb = None
+if mteb is not None:  # mteb's own SentenceTransformer path on a local STS task (no download)
+    from datasets import Dataset, DatasetDict
+    from mteb.abstasks.sts import AbsTaskSTS
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    class LocalSTS(AbsTaskSTS):
+        metadata = TaskMetadata(
+            name="AdaptLocalSTS", type="STS", main_score="cosine_spearman", description="pairs",
+            reference="https://example.org", dataset={"path": "local", "revision": "local"}, category="t2t",
+            eval_splits=["test"], eval_langs=["eng-Latn"], date=("2024-01-01", "2024-01-01"), dialect=[],
+            domains=[], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived", modalities=["text"],
+            sample_creation="found", bibtex_citation="")
+        min_score, max_score = 0, 5
+
+        def load_data(self, num_proc=None, **kwargs):
+            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": texts, "sentence2": texts[::-1],
+                                                                   "score": [1.0, 4.0]})})
+            self.data_loaded = True
+
+    result = mteb.evaluate(st, [LocalSTS()], cache=None, show_progress_bar=False)
+    assert not result.exceptions, result.exceptions
+    mteb_score = result.task_results[0].scores["test"][0]["main_score"]
+    assert "textjepa" not in sys.modules
 print(json.dumps({"class": type(model).__name__, "max_gap": float(np.abs(vectors - pooled).max()),
-                  "modules": [type(m).__name__ for m in st]}))
+                  "modules": [type(m).__name__ for m in st], "mteb": mteb_score}))
 '''
 
 
@@ -266,6 +294,8 @@ def test_adapt_run_exports_source_architecture_loadable_without_textjepa_and_res
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["class"] == "BertModel" and report["max_gap"] < 1e-5
     assert report["modules"][-1] == "Normalize"
+    pytest.importorskip("mteb")
+    assert report["mteb"] is not None  # mteb.evaluate ran on the export where textjepa cannot be imported
 
     # `textjepa export` from the checkpoint alone gives the same weights
     export_main(["--checkpoint", str(run), "--output", str(tmp_path / "again")])
