@@ -192,6 +192,11 @@ def read_start(path) -> Start:
     return Start(directory, transformer_dir, hf_config, layout)
 
 
+# One layer's one-to-one tensors: (TextJepaLayer name, BertLayer / RobertaLayer name); q, k, v <-> qkv apart
+LAYER_NAMES = (("attention.output", "attention.output.dense"), ("attention_norm", "attention.output.LayerNorm"),
+               ("intermediate", "intermediate.dense"), ("mlp_output", "output.dense"), ("mlp_norm", "output.LayerNorm"))
+
+
 def to_textjepa(state: dict, num_layers: int, position_offset: int) -> dict:
     """BertModel/RobertaModel state dict (no prefix) -> TextJepaModel state dict (post-norm encoder)."""
     token_type = state["embeddings.token_type_embeddings.weight"][0]  # (H,)
@@ -207,11 +212,8 @@ def to_textjepa(state: dict, num_layers: int, position_offset: int) -> dict:
         for part in ("weight", "bias"):
             out[dst + f"attention.qkv.{part}"] = torch.cat(
                 [state[src + f"attention.self.{name}.{part}"] for name in ("query", "key", "value")])
-            out[dst + f"attention.output.{part}"] = state[src + f"attention.output.dense.{part}"]
-            out[dst + f"attention_norm.{part}"] = state[src + f"attention.output.LayerNorm.{part}"]
-            out[dst + f"intermediate.{part}"] = state[src + f"intermediate.dense.{part}"]
-            out[dst + f"mlp_output.{part}"] = state[src + f"output.dense.{part}"]
-            out[dst + f"mlp_norm.{part}"] = state[src + f"output.LayerNorm.{part}"]
+            for ours, theirs in LAYER_NAMES:
+                out[dst + f"{ours}.{part}"] = state[src + f"{theirs}.{part}"]
     return {k: v.detach().clone().float().contiguous() for k, v in out.items()}
 
 
@@ -235,11 +237,8 @@ def from_textjepa(state: dict, template: dict, num_layers: int, position_offset:
             out[dst + f"attention.self.query.{part}"] = query
             out[dst + f"attention.self.key.{part}"] = key
             out[dst + f"attention.self.value.{part}"] = value
-            out[dst + f"attention.output.dense.{part}"] = state[src + f"attention.output.{part}"]
-            out[dst + f"attention.output.LayerNorm.{part}"] = state[src + f"attention_norm.{part}"]
-            out[dst + f"intermediate.dense.{part}"] = state[src + f"intermediate.{part}"]
-            out[dst + f"output.dense.{part}"] = state[src + f"mlp_output.{part}"]
-            out[dst + f"output.LayerNorm.{part}"] = state[src + f"mlp_norm.{part}"]
+            for ours, theirs in LAYER_NAMES:
+                out[dst + f"{theirs}.{part}"] = state[src + f"{ours}.{part}"]
     return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
