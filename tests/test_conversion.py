@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_exports import REFUSE_TEXTJEPA
 from test_train import generated_corpus, quiet
 from textjepa.training import loop
 from textjepa.training.recipe import parse_recipe
@@ -219,13 +220,7 @@ def test_init_zero_steps_export_gives_back_the_source(tmp_path):
     assert (exported - expected)[real].abs().max() < 1e-5
 
 
-BLOCKED = r'''
-import importlib.abc, json, sys
-class NoTextjepa(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "textjepa" or name.startswith("textjepa."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-sys.meta_path.insert(0, NoTextjepa())
+BLOCKED = REFUSE_TEXTJEPA + r'''
 import numpy as np, torch
 from transformers import AutoModel, AutoTokenizer
 from sentence_transformers import SentenceTransformer

@@ -18,14 +18,17 @@ from textjepa.training import loop
 TEXTS = ["The old sailor watched the grey sea before dawn.", "A letter", "",
          "My brother carried a broken mast with great care. " * 6]
 
-# Run in a fresh interpreter whose import system refuses textjepa, from a directory outside the repository.
-BLOCKED = r'''
+# The start of a script for a fresh interpreter whose import system refuses textjepa (test_conversion uses it too).
+REFUSE_TEXTJEPA = r'''
 import importlib.abc, json, sys, warnings
 class NoTextjepa(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name == "textjepa" or name.startswith("textjepa."):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
 sys.meta_path.insert(0, NoTextjepa())
+'''
+# Run from a directory outside the repository.
+BLOCKED = REFUSE_TEXTJEPA + r'''
 try:
     import textjepa
     raise SystemExit("textjepa is importable")
