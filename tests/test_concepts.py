@@ -229,13 +229,46 @@ def test_concept_losses_are_deterministic_under_a_seed():
 
 
 def test_document_halves_segments_and_positions():
-    from textjepa.masking import document_half_segments
+    from textjepa.masking import document_segments
 
     ids = torch.tensor([[5, 6, 7, SEP, 8, 9, SEP, 4, 4, 4, 4, 4],
                         [SEP, 5, 5, 5, 5, SEP, 3, 3, 3, 3, 3, 3]]).numpy()
-    segments, positions = document_half_segments(ids, SEP)
+    segments, positions = document_segments(ids, SEP)
     assert segments.tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 4, 4, 5, 5], [0, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5, 5]]
     assert positions.tolist() == [[0, 1, 0, 1, 0, 1, 0, 0, 1, 2, 0, 1], [0, 0, 1, 2, 0, 1, 0, 1, 2, 0, 1, 2]]
+
+
+def test_document_segments_without_the_cut_are_whole_pieces():
+    from textjepa.masking import document_segments
+
+    ids = torch.tensor([[5, 6, 7, SEP, 8, 9, SEP, 4, 4, 4, 4, 4]]).numpy()
+    segments, positions = document_segments(ids, SEP, halves=False)
+    assert segments.tolist() == [[0, 0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 2]]
+    assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]
+
+
+def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers():
+    # pooled_head="identity": the sentence loss is the cosine distance between the student's pooled visible
+    # context and the teacher's pooled whole document (views="documents"), nothing learnt in between
+    from textjepa.modeling_textjepa import cosine_distance
+
+    model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity")
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 97, (2, 32), generator=generator)
+    blocks[0, 11], blocks[1, 20] = SEP, SEP
+    config = MaskingConfig(target_ratio=0.25, num_spans=2, views="documents", separator_token_id=SEP,
+                           special_token_ids=(0, 1, SEP))
+    batch = SpanMaskCollator(config, seed=0)([{"input_ids": row} for row in blocks])
+    assert batch["segment_ids"].max() == 1
+    out = model(**batch)
+    _, teacher = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
+                                       position_ids=batch["position_ids"])
+    student = model._read_context(batch["input_ids"], None, batch["position_ids"], batch["segment_ids"],
+                                  batch["context_idx"], batch["target_idx"], segmented=True,
+                                  num_segments=2)
+    expected = cosine_distance(student.pooled[student.has], teacher[student.has])
+    torch.testing.assert_close(out.loss_terms["sentence_loss"], expected)
+    assert not list(model.sentence_predictor.parameters())
 
 
 def document_batch(seed=0):

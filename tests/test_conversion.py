@@ -163,7 +163,7 @@ def adapt_recipe(tmp_path, start_dir, **overrides):
     raw = {
         "model": dict(init_from=str(start_dir), predictor_hidden_size=16, predictor_num_hidden_layers=1,
                       predictor_num_attention_heads=2, target_num_layers=1, sentence_loss_weight=1.0,
-                      cross_view_loss_weight=1.0, pooled_head_residual=True),
+                      cross_view_loss_weight=1.0, pooled_head="residual"),
         "data": dict(source=str(corpus), block_size=32, validation_fraction=0.05),
         "mask": dict(views="document_halves", target_ratio=0.25, num_spans=2),
         "optim": dict(lr=1e-3, min_lr=1e-3, warmup_steps=2, weight_decay=0.01),

@@ -146,11 +146,13 @@ class TextJepaConfig(PreTrainedConfig):
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
         or "frozen": never updated).
-        pooled_head_residual: the sentence and cross-view heads (sentence_predictor, view_predictor) add their
-            MLP to their input, x + MLP(x), with the MLP's last layer starting at zero: a head's first guess is
-            the student's own pooled context. From a pretrained start (model.init_from) that guess is already
-            close to the teacher's pooled text, so the first gradients carry signal instead of a fresh head's
-            noise. False (default): a plain MLP.
+        pooled_head: the sentence and cross-view heads (sentence_predictor, view_predictor), pooled (N, H) ->
+            (N, H). "mlp" (default): a plain two-layer MLP. "residual": x + MLP(x), the MLP's last layer starting
+            at zero, so a head's first guess is the student's own pooled context (from a pretrained start that
+            guess is already close to the teacher's, so the first gradients carry signal, not a fresh head's
+            noise). "identity": no head: the student's pooled vector itself, the exported embedding, must match
+            the teacher's; safe only when the teacher cannot collapse with it (ema.schedule frozen, or a
+            momentum near 1 over a short run from a pretrained start).
     Downstream heads:
         classifier_pooling ("mean" over non-padding tokens, or "cls" = first token), classifier_dropout.
     """
@@ -196,7 +198,7 @@ class TextJepaConfig(PreTrainedConfig):
     pooled_reg: Literal["none", "vicreg", "sigreg", "uniformity"] = "none"
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
-    pooled_head_residual: bool = False
+    pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996
     ema_momentum_end: float = 1.0

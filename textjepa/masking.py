@@ -40,6 +40,9 @@ half; and position_ids (B, L) long, counting from 0 at the start of each segment
 like a text on its own, as the encoder will read sentences later). The model lets a token attend only within its segment (student, teacher and predictor), pools
 each segment on its own, and pairs segment 2d with 2d+1 for the cross-view target. Masks are sampled
 over the block as usual. Unlike num_views, every document contributes pairs, however short.
+Documents (views="documents"): the same, without the cut: segment d is the block's d-th document piece,
+read on its own (attention and positions within it), so the teacher's pooled embedding of a segment is
+its embedding of that whole document, the one the exported encoder gives it; no partners (no cross-view).
 
 Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
 reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
@@ -78,7 +81,7 @@ class MaskingConfig:
     special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
     num_views: int = 1  # 2, 4, ...: cut each block into that many segments (rows) for the cross-view target
     separator_token_id: int | None = None  # the packer's document separator (cross-view pairs check it)
-    views: Literal["none", "document_halves"] = "none"  # "document_halves": segment_ids per half document piece (see the module doc)
+    views: Literal["none", "document_halves", "documents"] = "none"  # segment_ids per (half) document piece (module doc)
 
     def __post_init__(self):
         """Checks each field (SettingError, named; the recipe reports it as mask.<field>)."""
@@ -92,8 +95,9 @@ class MaskingConfig:
             if reason:
                 raise SettingError("MaskingConfig", name, reason)
 
-        if self.views not in ("none", "document_halves"):
-            raise SettingError("MaskingConfig", "views", f"expected 'none' or 'document_halves', got {self.views!r}")
+        if self.views not in ("none", "document_halves", "documents"):
+            raise SettingError("MaskingConfig", "views",
+                               f"expected 'none', 'document_halves' or 'documents', got {self.views!r}")
         if self.views != "none" and self.num_views > 1:
             raise SettingError("MaskingConfig", "views", f"{self.views!r} and {{num_views}}={self.num_views} are two "
                                "ways to make views; use one")
@@ -306,8 +310,9 @@ class SpanMaskCollator:
         if self.config.num_views > 1:
             input_ids, extra["same_document"] = split_views(input_ids, self.config.separator_token_id,
                                                             self.config.num_views)
-        elif self.config.views == "document_halves":
-            segments, positions = document_half_segments(input_ids.numpy(), self.config.separator_token_id)
+        elif self.config.views != "none":
+            segments, positions = document_segments(input_ids.numpy(), self.config.separator_token_id,
+                                                    halves=self.config.views == "document_halves")
             extra.update(segment_ids=torch.from_numpy(segments), position_ids=torch.from_numpy(positions))
         context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
                                                input_ids.shape[1], input_ids.numpy())
@@ -336,10 +341,11 @@ def split_views(input_ids, separator_token_id, num_views=2):
     return segments, same.repeat_interleave(2)
 
 
-def document_half_segments(input_ids, separator_token_id):
+def document_segments(input_ids, separator_token_id, halves=True):
     """(B, L) int ids -> (segment_ids, position_ids), both (B, L) int64: segment 2d / 2d+1 is the first /
-    second half of the d-th document piece of each row (a separator belongs to the piece it ends), and
-    each token's position counts from the start of its segment; see the module doc."""
+    second half of the d-th document piece of each row (a separator belongs to the piece it ends), or, with
+    halves=False, segment d is the whole piece; each token's position counts from the start of its segment;
+    see the module doc."""
     rows, length = input_ids.shape
     is_separator = input_ids == separator_token_id
     document = np.cumsum(is_separator, axis=1) - is_separator  # separators strictly before each position
@@ -348,10 +354,12 @@ def document_half_segments(input_ids, separator_token_id):
     positions = np.broadcast_to(np.arange(length), (rows, length))
     start = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
     rank = positions - start  # position within the piece
-    flat = document + np.arange(rows)[:, None] * length  # a unique id per (row, piece)
-    piece_length = np.bincount(flat.ravel(), minlength=rows * length)[flat]
-    second_half = 2 * rank >= piece_length
-    segments = (2 * document + second_half).astype(np.int64)
+    if halves:
+        flat = document + np.arange(rows)[:, None] * length  # a unique id per (row, piece)
+        piece_length = np.bincount(flat.ravel(), minlength=rows * length)[flat]
+        segments = (2 * document + (2 * rank >= piece_length)).astype(np.int64)
+    else:
+        segments = document.astype(np.int64)
     changes = np.ones_like(is_separator)
     changes[:, 1:] = segments[:, 1:] != segments[:, :-1]
     segment_start = np.maximum.accumulate(np.where(changes, positions, 0), axis=1)

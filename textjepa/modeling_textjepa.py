@@ -587,7 +587,7 @@ def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, gener
 
 
 class ResidualPooledHead(nn.Module):
-    """x + MLP(x) for pooled vectors (N, H), the MLP's last layer zero at init (config.pooled_head_residual)."""
+    """x + MLP(x) for pooled vectors (N, H), the MLP's last layer zero at init (config.pooled_head "residual")."""
 
     def __init__(self, hidden_size, width):
         super().__init__()
@@ -600,7 +600,9 @@ class ResidualPooledHead(nn.Module):
 def pooled_head(config):
     """The small MLP of the sentence-level targets: a pooled vector (N, H) -> an estimate (N, H)."""
     width = config.predictor_intermediate_size
-    if config.pooled_head_residual:
+    if config.pooled_head == "identity":
+        return nn.Identity()
+    if config.pooled_head == "residual":
         return ResidualPooledHead(config.hidden_size, width)
     return nn.Sequential(nn.Linear(config.hidden_size, width), nn.GELU(), nn.Linear(width, config.hidden_size))
 

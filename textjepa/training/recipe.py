@@ -71,7 +71,7 @@ ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; map
     "predictor_hidden_size?", "predictor_num_hidden_layers?", "predictor_num_attention_heads?",
     "target_num_layers?", "target_norm?", "loss_type?", "smooth_l1_beta?", "variance_reg_weight?",
     "sentence_loss_weight?", "token_loss_weight?", "span_loss_weight?", "cross_view_loss_weight?",
-    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "pooled_head_residual?", "classifier_pooling?"],
+    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "pooled_head?", "classifier_pooling?"],
     extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None),  # a PreTrainedConfig kwarg
            ("init_from", Optional[str], None)])  # not a config field: build.build_model reads it
 
@@ -418,6 +418,10 @@ def _check_through_configs(recipe: Recipe) -> None:
         return f"ema.{field[len(EMA_PREFIX):]}" if field.startswith(EMA_PREFIX) else f"model.{field}"
 
     mask = mask_config_kwargs(recipe)
+    if mask.get("views") == "documents" and (recipe.model.cross_view_loss_weight or 0) > 0:
+        raise RecipeError(f"mask.views: 'documents' gives each document one segment, with no partner for "
+                          f"model.cross_view_loss_weight={recipe.model.cross_view_loss_weight}; use 'document_halves' "
+                          "or set the weight to 0")
     if mask.get("views", "none") != "none":
         mask["separator_token_id"] = 0  # the tokenizer's separator (batches.masking_config); any id stands in
     for build, key in ((lambda: TextJepaConfig(**model_config_kwargs(recipe)), model_key),
