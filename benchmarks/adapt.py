@@ -147,7 +147,7 @@ def final_scores(path, target_set, probe_specs) -> dict:
     """For a method's chosen snapshot: BM25 + model (weight on validation) and the probes."""
     from textjepa.evaluation import SentenceEncoder
     from textjepa.evaluation import baselines as lexical
-    from textjepa.evaluation.glue import linear_probe
+    from textjepa.evaluation.probe import linear_probe
 
     encoder = SentenceEncoder(path, batch_size=128, cache=True)
     name, corpus, queries, by_split = target_set
@@ -293,7 +293,7 @@ def main(argv=None) -> dict:
                 probe_specs.append(spec)
     from transformers import AutoTokenizer
 
-    from textjepa.evaluation.model_dir import check_model_dir
+    from textjepa.embedding.model_dir import check_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(check_model_dir(str(args.start)))
     texts = list(corpus.values())  # the documents only

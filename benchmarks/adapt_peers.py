@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from textjepa.optimization import takes_weight_decay
+
 PEER_METHODS = ("simcse", "tsdae", "mlm")
 SIMCSE_SCALE = 20.0  # 1 / temperature 0.05 (SimCSE paper)
 TSDAE_DEL_RATIO = 0.6  # delete 60% of the words, keep 40% (TSDAE paper)
@@ -97,7 +99,7 @@ def adamw(named_parameters, lr):
         if id(param) in seen or not param.requires_grad:
             continue
         seen.add(id(param))
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+        (decay if takes_weight_decay(name, param) else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr)
 

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from textjepa.evaluation.embedding import SentenceEncoder
+from textjepa.embedding.encoder import SentenceEncoder
 
 DEFAULT_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "eval", "stsb", "test.jsonl")
 

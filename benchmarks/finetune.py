@@ -85,7 +85,7 @@ def bootstrap_interval(spec, labels, predictions_per_seed, resamples):
     """95% percentile interval of the seed-averaged test metric over resampled test examples."""
     from scipy.stats import bootstrap
 
-    from textjepa.evaluation.glue import score
+    from textjepa.evaluation.tasks import score
 
     def statistic(y, *predictions):
         return np.mean([score(spec, y, p)[spec.metric] for p in predictions])

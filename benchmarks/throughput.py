@@ -71,7 +71,8 @@ from transformers import RobertaForMaskedLM
 from textjepa import TextJepaForPreTraining
 from textjepa.data import load_tokenizer
 from textjepa.masking import SpanMaskCollator
-from textjepa.modeling_textjepa import per_dimension_std
+from textjepa import optimization
+from textjepa.objectives import per_dimension_std
 from textjepa.training import batches as trainer_batches
 from textjepa.training import build
 from textjepa.training.recipe import load_recipe
@@ -145,7 +146,7 @@ def make_mlm_batches(vocab, batch, length, count, ratio=0.15, seed=0, device="cp
 
 def adamw(model):
     # fused AdamW (one kernel over all params) where torch supports it, else foreach
-    return build.adamw(model.parameters(), lr=1e-4, weight_decay=0.01)
+    return optimization.adamw(model.parameters(), lr=1e-4, weight_decay=0.01)
 
 
 def recipe_for(size, path=None):

@@ -58,6 +58,13 @@ def nan_teacher(checkpoint):
     save_file({k: torch.full_like(v, float("nan")) for k, v in teacher.items()}, str(checkpoint / ckpt.TEACHER_FILE))
 
 
+def not_a_tokenizer(folder, text):
+    """A tokenizer directory whose tokenizer.json is some other JSON."""
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(text)
+    return folder
+
+
 def wrong_shape(export):
     config = json.loads((export / "config.json").read_text())
     config["intermediate_size"] = 48
@@ -128,6 +135,10 @@ CASES = [
                                              "fewer than one block of block_size=32")),
     ("tokenizer missing", lambda w, t: (train(w, f"data.tokenizer={t}/no/such/tok"), "no/such/tok' does not exist")),
     ("tokenizer dir without files", lambda w, t: (train(w, f"data.tokenizer={t}"), "holds no tokenizer files")),
+    ("tokenizer.json of {}", lambda w, t: (train(w, f"data.tokenizer={not_a_tokenizer(t / 'tok', '{}')}"),
+                                           f"{t}/tok/tokenizer.json: not a tokenizer (Model missing.")),
+    ("tokenizer.json of a list", lambda w, t: (train(w, f"data.tokenizer={not_a_tokenizer(t / 'tok', '[1, 2]')}"),
+                                               f"{t}/tok/tokenizer.json: not a tokenizer (invalid type: sequence")),
     ("packed path missing", lambda w, t: (train(w, f"data.packed_path={t}/packed"), f"{t}/packed")),
     ("block longer than positions", lambda w, t: (train(w, "model.max_position_embeddings=16"),
                                                   "block_size=32 is longer than the model's max_position_embeddings=16")),
@@ -140,6 +151,12 @@ CASES = [
     ("resume from truncated weights", lambda w, t: (
         train(w, f"train.output_dir={(r := copy_of(w['run'], t))}", resume=True),
         truncate(r / "checkpoint-00000002" / "model.safetensors") or "model.safetensors: corrupt or truncated")),
+    ("resume after the model's size changed", lambda w, t: (
+        train(w, f"train.output_dir={copy_of(w['run'], t)}", "model.intermediate_size=128", resume=True),
+        "model.intermediate_size is 128 in the recipe but 64 in the checkpoint")),
+    ("resume after the model changed, checkpoint without recipe", lambda w, t: (
+        train(w, f"train.output_dir={(r := copy_of(w['run'], t))}", "model.intermediate_size=128", resume=True),
+        (r / "checkpoint-00000002" / "recipe.yaml").unlink() or "does not fit this checkpoint (size mismatch for")),
     # export
     ("export nothing there", lambda w, t: (["export", "--checkpoint", str(t / "none"), "--output", str(t / "o")],
                                            "is neither a checkpoint nor a run directory")),
@@ -221,6 +238,28 @@ def test_debug_shows_the_traceback_and_subprocess_exit_code(world, tmp_path):
     debug = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert debug.stderr.strip().splitlines()[-1].startswith(f"textjepa train: tokenizer directory '{tmp_path}/no/such/tok'")
+
+
+def test_resume_after_the_model_changed_names_the_keys_and_keeps_the_checkpoint(world, tmp_path, capsys):
+    run = copy_of(world["run"], tmp_path)
+    checkpoint = run / "checkpoint-00000002"
+    files = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
+    run_recipe = (run / "recipe.yaml").read_bytes()
+    capsys.readouterr()
+    assert cli_main(train(world, f"train.output_dir={run}", "model.intermediate_size=128",
+                          "model.hidden_dropout_prob=0.1", "train.max_steps=3", "train.export=false", resume=True)) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"textjepa train: {checkpoint}: the recipe's model does not fit this checkpoint: model.intermediate_size is "
+        "128 in the recipe but 64 in the checkpoint; model.hidden_dropout_prob is 0.1 in the recipe but 0.0 in the "
+        "checkpoint; to resume, use the checkpoint's values (--set model.intermediate_size=64 --set "
+        "model.hidden_dropout_prob=0.0) or another train.output_dir; the checkpoint is untouched (run with --debug for "
+        "the traceback)")
+    assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == files
+    assert ckpt.list_checkpoints(run) == [checkpoint]  # nothing set aside
+    assert (run / "recipe.yaml").read_bytes() == run_recipe  # the run's recipe is not replaced by the misfit
+    # with the checkpoint's values (the recipe file's), the run resumes
+    assert cli_main(train(world, f"train.output_dir={run}", "train.max_steps=3", "train.export=false", resume=True)) == 0
+    assert ckpt.latest_checkpoint(run).name == "checkpoint-00000003"
 
 
 def test_results_that_were_silent_are_reported(world, tmp_path, caplog, capsys):

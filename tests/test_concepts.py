@@ -7,7 +7,7 @@ from conftest import tiny_config_kwargs
 
 from textjepa import TextJepaConfig, TextJepaForPreTraining, pool_hidden_states
 from textjepa.masking import MaskingConfig, SpanMaskCollator, split_views
-from textjepa.modeling_textjepa import (
+from textjepa.objectives import (
     cosine_distance,
     sigreg_statistic,
     span_means,
@@ -250,7 +250,6 @@ def test_document_segments_without_the_cut_are_whole_pieces():
 def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers():
     # pooled_head="identity": the sentence loss is the cosine distance between the student's pooled visible
     # context and the teacher's pooled whole document (views="documents"), nothing learnt in between
-    from textjepa.modeling_textjepa import cosine_distance
 
     model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity")
     generator = torch.Generator().manual_seed(0)
@@ -339,3 +338,17 @@ def test_context_loss_is_zero_when_the_student_reads_what_the_teacher_reads():
     everything = torch.arange(16).expand(2, 16)
     out = model(input_ids, context_idx=everything, target_idx=everything[:, :2])
     assert out.loss_terms["context_loss"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_loss_terms_is_the_one_list_of_what_the_model_emits_in_its_summing_order():
+    # the trainer logs the names in objectives.LOSS_TERMS: a term the model emits outside it would go unlogged
+    from textjepa.objectives import LOSS_TERM_NAMES, LOSS_TERMS
+
+    for term in LOSS_TERMS:
+        for field in (f"{term.name}_weight", *term.shaped_by):
+            assert field in TextJepaConfig.__dataclass_fields__, (term.name, field)
+    model = make_model(cross_view_loss_weight=1.0, sentence_loss_weight=1.0, span_loss_weight=1.0,
+                       bottleneck_loss_weight=1.0, context_loss_weight=1.0, pooled_reg="uniformity",
+                       pooled_reg_weight=0.1)
+    emitted = list(model(**document_batch()).loss_terms)
+    assert emitted == list(LOSS_TERM_NAMES)  # every term on: all of them, in the order they are summed

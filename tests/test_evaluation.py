@@ -3,7 +3,6 @@ sentence-transformers round trip, MTEB protocol, bad inputs. Tiny generated task
 
 import json
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ import torch
 import textjepa
 from conftest import FILLER, NEGATIVE, POSITIVE, TOPICS, make_eval_data_dir, write_jsonl
 from textjepa.evaluation import metrics
-from textjepa.evaluation.embedding import SentenceEncoder, encode
-from textjepa.evaluation.glue import finetune, linear_probe
+from textjepa.embedding.encoder import SentenceEncoder, encode
+from textjepa.evaluation.glue import finetune, parse_args
 from textjepa.evaluation.glue import main as glue_main
+from textjepa.evaluation.probe import linear_probe
 from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, search
 from textjepa.evaluation.sts import cosine_scores, evaluate_sts_task
 from textjepa.evaluation.tasks import load_task, load_task_dir
@@ -183,10 +183,9 @@ def test_linear_probe_and_finetune_end_to_end(bert_dir, bert_encoder, data_dir, 
     pair_probe = linear_probe(bert_encoder, pair)
     assert set(pair_probe["test"]) == {"pearson", "spearman"} and "alpha" in pair_probe
 
-    args = SimpleNamespace(gradient_accumulation_steps=1, mixed_precision="no", seed=0, max_length=32,
-                           per_device_train_batch_size=8, per_device_eval_batch_size=16, learning_rate=5e-3,
-                           weight_decay=0.01, num_train_epochs=5, max_train_steps=None, lr_scheduler_type="linear",
-                           num_warmup_steps=0, save_model=False, output_dir=None, show_progress=False)
+    args = parse_args(["--model_name_or_path", str(bert_dir), "--mixed_precision", "no", "--seed", "0",
+                       "--max_length", "32", "--per_device_eval_batch_size", "16", "--learning_rate", "5e-3",
+                       "--weight_decay", "0.01", "--num_train_epochs", "5", "--no_progress"])
     tuned = finetune(bert_dir, spec, args)
     assert [h["epoch"] for h in tuned["history"]] == [0, 1, 2, 3, 4]
     assert tuned["history"][-1]["step"] == 5 * math.ceil(60 / 8)
@@ -428,7 +427,7 @@ def test_probe_uses_sparse_tfidf_features_unscaled(data_dir):
     import scipy.sparse
     from sklearn.linear_model import LogisticRegression
 
-    from textjepa.evaluation.glue import fit_probe
+    from textjepa.evaluation.probe import fit_probe
     from textjepa.evaluation.tasks import labels_of
 
     spec = load_task_dir(data_dir / "eval" / "sentiment")
@@ -479,7 +478,7 @@ def test_bootstrap_known_answers():
 def test_whitening_fit_and_shipped_file(bert_dir, bert_encoder, tmp_path):
     import shutil
 
-    from textjepa.evaluation.whitening import apply_whitening, fit_whitening, save_whitening
+    from textjepa.embedding.postprocessing import apply_whitening, fit_whitening, save_whitening
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2000, 4)) @ np.array([[3, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0.1, 0], [0, 0, 0, 2.0]]) + 5
@@ -601,6 +600,25 @@ def test_more_bad_inputs_get_named_errors(data_dir, bert_dir, tmp_path):
         SentenceEncoder(broken)
 
 
+def test_unknown_metric_names_the_task_json(data_dir, tmp_path):
+    """A task.json metric we do not compute: one line naming that task.json, the value and the choices."""
+    import shutil
+
+    task = tmp_path / "similar"
+    shutil.copytree(data_dir / "eval" / "similar", task)
+    info = json.loads((task / "task.json").read_text())
+    (task / "task.json").write_text(json.dumps({**info, "metric": "auc"}))
+    with pytest.raises(ValueError) as error:
+        load_task_dir(task)
+    assert str(error.value) == (f"{task / 'task.json'}: unknown metric 'auc'; "
+                                "expected one of accuracy, f1, matthews, pearson, spearman")
+    # the same value as a flag names the flag; an alias is accepted
+    files = {"train_file": task / "train.jsonl", "validation_file": task / "validation.jsonl"}
+    with pytest.raises(ValueError, match=r"^--metric: unknown metric 'auc'; expected one of accuracy, "):
+        load_task(**files, metric="auc")
+    assert load_task(**files, metric="pearsonr").metric == "pearson"
+
+
 def test_sentence_transformers_round_trip(bert_dir, jepa_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
@@ -639,7 +657,7 @@ def test_ship_whitening_from_the_cli_is_applied_as_shipped(tmp_path):
     from textjepa import TextJepaConfig, TextJepaModel
     from textjepa.cli import main as cli
     from textjepa.evaluation import SentenceEncoder
-    from textjepa.evaluation.whitening import WHITENING_FILE, read_unlabeled_texts
+    from textjepa.embedding.postprocessing import WHITENING_FILE, read_unlabeled_texts
     from textjepa.training.batches import SHIPPED_TOKENIZER
     from transformers import AutoTokenizer
 
@@ -674,7 +692,7 @@ def test_sif_token_weights_known_answer_and_shipped_pooling(tmp_path):
     from textjepa import TextJepaConfig, TextJepaModel
     from textjepa.cli import main as cli
     from textjepa.evaluation import SentenceEncoder
-    from textjepa.evaluation.whitening import (
+    from textjepa.embedding.postprocessing import (
         TOKEN_WEIGHTS_FILE,
         WHITENING_FILE,
         fit_sif_weights,

@@ -102,7 +102,7 @@ def run_blocked(export, tmp_path):
 
 def test_export_loads_without_textjepa_and_matches_sentence_encoder(tiny_data, tmp_path):
     from textjepa.evaluation import SentenceEncoder
-    from textjepa.evaluation.embedding import whiten_main
+    from textjepa.embedding.encoder import whiten_main
     from textjepa.training.export import main as export_main
 
     run = tmp_path / "run"
@@ -144,7 +144,7 @@ def test_export_sentence_transformer_ships_whitening(tiny_data, tmp_path):
 
     import textjepa
     from textjepa.evaluation import SentenceEncoder, export_sentence_transformer
-    from textjepa.evaluation.whitening import fit_whitening, save_whitening
+    from textjepa.embedding.postprocessing import fit_whitening, save_whitening
     from textjepa.data import load_tokenizer
 
     model = textjepa.TextJepaModel(textjepa.TextJepaConfig(

@@ -124,8 +124,8 @@ def test_bi_encoder_applies_the_shipped_post_processing(jepa_dir, data_dir, tmp_
 
     import numpy as np
 
-    from textjepa.evaluation.embedding import SentenceEncoder
-    from textjepa.evaluation.whitening import save_token_weights, save_whitening
+    from textjepa.embedding.encoder import SentenceEncoder
+    from textjepa.embedding.postprocessing import save_token_weights, save_whitening
 
     shipped = tmp_path / "shipped"
     shutil.copytree(jepa_dir, shipped)

@@ -1,14 +1,27 @@
 """Recipes (typed parsing, named errors, overrides), schedules, checkpoint bookkeeping, RankMe."""
 
+import dataclasses
 import math
+import typing
+from typing import Optional
 
 import pytest
 import torch
 
+from textjepa import TextJepaConfig
+from textjepa.masking import MaskingConfig
 from textjepa.training import checkpoint as ckpt
 from textjepa.training import schedules
 from textjepa.training.diagnostics import check_guards, effective_rank
-from textjepa.training.recipe import Recipe, RecipeError, load_recipe
+from textjepa.training.recipe import (
+    EMA_PREFIX,
+    EmaSection,
+    MaskSection,
+    ModelSection,
+    Recipe,
+    RecipeError,
+    load_recipe,
+)
 
 
 def write(tmp_path, text, name="recipe.yaml"):
@@ -23,6 +36,26 @@ def test_defaults_and_typed_sections(tmp_path):
     assert recipe.optim.lr == 1e-3 and isinstance(recipe.optim.lr, float)  # PyYAML reads 1e-3 as a string
     assert recipe.train.max_steps == 50 and recipe.objective == "jepa"
     assert recipe.ema.momentum_start == 0.996 and recipe.ema.momentum_end == 1.0
+
+
+@pytest.mark.parametrize("section, config, prefix, recipe_only", [
+    (ModelSection, TextJepaConfig, "", {"attn_implementation", "init_from"}),
+    (MaskSection, MaskingConfig, "", {"special_tokens_never_target", "mlm_probability"}),
+    (EmaSection, TextJepaConfig, EMA_PREFIX, set()),
+])
+def test_config_sections_mirror_their_configs(section, config, prefix, recipe_only):
+    """model.*, mask.* and ema.* keys are written out in recipe.py and are fields of their config: each has
+    the config's type and default, or is Optional with default null (= the config's own default)."""
+    config_fields = config.__dataclass_fields__
+    hints = typing.get_type_hints(section)
+    for key in dataclasses.fields(section):
+        if key.name in recipe_only:
+            continue
+        spec = config_fields[prefix + key.name]  # KeyError: a recipe key that its config does not have
+        if key.default is None:
+            assert hints[key.name] == Optional[spec.type], key.name
+        else:
+            assert (hints[key.name], key.default) == (spec.type, spec.default), key.name
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -111,7 +144,11 @@ def test_base_recipe_builds_a_base_size_model():
     assert config._attn_implementation == "sdpa" and config.predictor_intermediate_size == 4 * 384
     trainable = sum(p.numel() for p in model.parameters())
     assert 120e6 < trainable < 130e6  # encoder ~110 M (24.6 M of them embeddings) + predictor and heads
-    assert len(build_optimizer(model, recipe, torch.device("cpu")).param_groups) == 2
+    optimizer = build_optimizer(model, recipe, torch.device("cpu"))
+    assert len(optimizer.param_groups) == 2
+    first_lr = schedules.learning_rate(0, recipe.train.max_steps, recipe.optim.warmup_steps, recipe.optim.lr,
+                                       recipe.optim.min_lr)
+    assert [group["lr"] for group in optimizer.param_groups] == [first_lr] * 2  # the schedule's, one source
 
 
 def test_missing_recipe_file():

@@ -13,14 +13,12 @@ from transformers import (
 
 from .configuration_textjepa import TextJepaConfig
 from .modeling_textjepa import (
-    TextJepaForPreTraining,
-    TextJepaForPreTrainingOutput,
     TextJepaForSequenceClassification,
     TextJepaModel,
-    TextJepaPredictor,
     TextJepaPreTrainedModel,
     pool_hidden_states,
 )
+from .pretraining import TextJepaForPreTraining, TextJepaForPreTrainingOutput, TextJepaPredictor
 
 __version__ = "0.1.0"
 

@@ -27,7 +27,7 @@ COMMANDS = {
     "export": ("textjepa.training.export", "main"),
     "evaluate": ("textjepa.evaluation.suite", "main"),
     "glue": ("textjepa.evaluation.glue", "main"),
-    "whiten": ("textjepa.evaluation.embedding", "whiten_main"),
+    "whiten": ("textjepa.embedding.encoder", "whiten_main"),
 }
 
 

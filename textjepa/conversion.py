@@ -267,7 +267,7 @@ def export_in_source_architecture(encoder, template_dir, output_dir) -> Path:
     for name in TOKENIZER_FILES:
         if (template_dir / name).is_file():
             shutil.copyfile(template_dir / name, output_dir / name)
-    from textjepa.evaluation.sentence_transformers_export import write_sentence_transformers_layout
+    from textjepa.embedding.sentence_transformers_export import write_sentence_transformers_layout
 
     max_seq_length = info["max_seq_length"] or hf_config["max_position_embeddings"] - offset
     write_sentence_transformers_layout(output_dir, pooling=info["pooling"], normalize=info["normalize"],

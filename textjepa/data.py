@@ -313,12 +313,35 @@ def load_tokenizer(path):
         raise FileNotFoundError(f"{path!r} holds no tokenizer files (tokenizer.json, vocab.txt, ...)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:  # a hub name that cannot be reached / does not exist
+    except Exception as err:
+        # transformers reads a tokenizer.json that is not a tokenizer as far as a missing key ('added_tokens'):
+        # ask the tokenizers library what is wrong with the file and name it
+        problem = tokenizer_file_problem(os.path.join(path, "tokenizer.json"))
+        if problem:
+            raise ValueError(problem) from None
+        if not isinstance(err, (OSError, ValueError)):
+            raise
         raise FileNotFoundError(f"tokenizer {path!r}: neither a local directory nor a loadable hub tokenizer "
-                                f"({str(err).splitlines()[0]})") from None
+                                f"({str(err).splitlines()[0]})") from None  # a hub name unreachable / unknown
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError(f"{path!r} loaded a slow tokenizer ({type(tokenizer).__name__}); expected a fast one")
     return tokenizer
+
+
+def tokenizer_file_problem(file) -> str | None:
+    """One line saying why `file` (a tokenizer.json) is not a tokenizer the tokenizers library loads; None
+    when it loads or is absent."""
+    from tokenizers import Tokenizer
+
+    if not os.path.isfile(file):
+        return None
+    try:
+        Tokenizer.from_file(file)
+    except Exception as err:  # tokenizers raises a bare Exception for a malformed file
+        return (f"{file}: not a tokenizer ({(str(err) or type(err).__name__).splitlines()[0]}); "
+                "expected the tokenizer.json of a fast tokenizer, as `textjepa tokenizer train` or "
+                "save_pretrained writes it")
+    return None
 
 
 def separator_token_id(tokenizer):

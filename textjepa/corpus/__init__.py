@@ -4,8 +4,8 @@ quickstart.txt.gz: ~8 M characters (~3 MB compressed) of public-domain English: 
 Shakespeare's plays (one document per scene) and every 6th US State of the Union address.
 Documents are separated by a blank line. See make_corpus.py for how it was built.
 tokenizer.json / tokenizer_config.json: an 8000-piece unigram tokenizer trained on this corpus with
-textjepa.tokenization.train_tokenizer (`data.tokenizer: quickstart`), so the quickstart skips ~45 s of
-tokenizer training.
+textjepa.tokenization.train_tokenizer (`data.tokenizer: quickstart`), so the quickstart skips tokenizer
+training.
 
 In a recipe, `data.source: quickstart` means this corpus.
 """

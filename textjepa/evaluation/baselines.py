@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from textjepa.evaluation.glue import fit_probe
+from textjepa.evaluation.probe import fit_probe
 from textjepa.evaluation.retrieval import retrieval_result
 from textjepa.evaluation.sts import check_sts_task, sts_result
 from textjepa.evaluation.tasks import texts_of
@@ -124,7 +124,7 @@ def bm25_retrieval(corpus, queries, qrels_by_split, k=100, name="", query_chunk=
     retriever, tokenize = _bm25([corpus[d] for d in doc_ids])
     query_tokens = tokenize([queries[q] for q in query_ids])
     # every score, then _rank's tie order, as hybrid_retrieval at w = 0 (bm25s.retrieve puts the higher index
-    # first among tied documents: 0.4-0.8 nDCG@10 on vitaminc_claims)
+    # first among tied documents, which moved nDCG@10 on vitaminc_claims: docs/history.md)
     rankings = _rank(query_ids, doc_ids, lambda rows: _bm25_scores(retriever, query_tokens[rows]), k, query_chunk)
     return retrieval_result(rankings, qrels_by_split, len(doc_ids), COLUMN_NAMES["bm25"], name, start)
 

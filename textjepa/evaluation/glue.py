@@ -1,4 +1,4 @@
-"""GLUE-style evaluation of any AutoModel encoder, shaped like HF's run_glue_no_trainer.
+"""GLUE-style fine-tuning of any AutoModel encoder, shaped like HF's run_glue_no_trainer.
 
     python -m textjepa.evaluation.glue --model_name_or_path DIR --train_file T --validation_file V \
         [--test_file X] --mode finetune|linear_probe --output_dir OUT
@@ -11,8 +11,8 @@ finetune:     AutoModelForSequenceClassification (textjepa registers its own) tr
               that pools u and v separately: cosine (regression only; MSE of cos(u, v) against the scores
               min-max scaled to [0, 1] over train, as Sentence-BERT's CosineSimilarityLoss) or concat
               ([u, v, |u-v|, u*v] -> linear head). --warmup_ratio and --layerwise_lr_decay as in HF's scripts.
-linear_probe: frozen pooled embeddings (computed once per distinct text), a logistic regression
-              (C picked on validation) or a ridge regression for scores; pair tasks use [u, v, |u-v|, u*v].
+linear_probe: the evaluation suite's frozen probe (probe.linear_probe): a logistic regression (C picked
+              on validation) or a ridge regression for scores on pooled embeddings; pairs as [u, v, |u-v|, u*v].
 Scores in results.json are x100; all_results.json beside it has HF's keys and scale (eval_accuracy 0.85 for
 validation, test_accuracy for test). Sentence keys / labels / metric come from flags or task.json.
 
@@ -36,90 +36,10 @@ from tqdm.auto import tqdm
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 import textjepa  # noqa: F401  registers textjepa's AutoModelForSequenceClassification
-from textjepa.evaluation.metrics import classification_metrics, regression_metrics, with_intervals
-from textjepa.evaluation.tasks import labels_of, load_task, texts_of
+from textjepa.evaluation.metrics import with_intervals
+from textjepa.evaluation.probe import linear_probe
+from textjepa.evaluation.tasks import labels_of, load_task, score, texts_of
 
-PROBE_C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
-PROBE_ALPHA_GRID = (0.1, 1.0, 10.0, 100.0, 1000.0)
-
-
-def score(spec, labels, predictions):
-    """All metrics for the task kind, x100."""
-    if spec.is_regression:
-        metrics = regression_metrics(labels, predictions)
-    else:
-        metrics = classification_metrics(labels, predictions, spec.num_labels)
-    return {name: 100.0 * value for name, value in metrics.items()}
-
-
-# ---------------------------------------------------------------- linear probe
-def probe_features(encoder, spec, show_progress=False):
-    """{split: (N, D) features}; every distinct text across all splits is encoded exactly once."""
-    from textjepa.evaluation.embedding import encode_distinct
-
-    splits = list(spec.splits)
-    text_lists = [texts for split in splits for texts in texts_of(spec, split)]  # s1, s2 (or None) per split
-    embedded = encode_distinct(encoder, *text_lists, show_progress=show_progress)
-    features = {}
-    for i, split in enumerate(splits):
-        u, v = embedded[2 * i], embedded[2 * i + 1]
-        features[split] = u if v is None else np.concatenate([u, v, np.abs(u - v), u * v], axis=1)  # (N, 4H)
-    return features
-
-
-def linear_probe(encoder, spec, show_progress=False, c_grid=PROBE_C_GRID, alpha_grid=PROBE_ALPHA_GRID):
-    """Fit on train, choose C (or ridge alpha) by the task metric on validation, report validation and test."""
-    start = time.time()
-    results = fit_probe(probe_features(encoder, spec, show_progress=show_progress), spec, encoder.name, c_grid,
-                        alpha_grid)
-    results["seconds"] = time.time() - start
-    return results
-
-
-def fit_probe(features, spec, model_name, c_grid=PROBE_C_GRID, alpha_grid=PROBE_ALPHA_GRID):
-    """The probe on any {split: (N, D) features} (dense, or sparse like TF-IDF): standardise dense features
-    with train statistics, logistic regression (ridge for scores) per grid value, keep the best on
-    validation. Results x100, with a bootstrap interval of the headline metric per evaluated split.
-    Sparse features (L2-normalised TF-IDF rows) are used as they are: dividing each column by its std would
-    blow a bigram seen twice up to the scale of a common word (TF-IDF probe, test: stsb 31.0 scaled vs
-    52.9 as is, vitaminc 34.6 vs 49.7, rotten_tomatoes and bbc_news unchanged)."""
-    import scipy.sparse
-    from sklearn.linear_model import LogisticRegression, Ridge
-    from sklearn.preprocessing import StandardScaler
-
-    from textjepa.evaluation.metrics import bootstrap_replicates
-
-    if not scipy.sparse.issparse(features["train"]):
-        scaler = StandardScaler().fit(features["train"])
-        features = {split: scaler.transform(x) for split, x in features.items()}
-    labels = {split: labels_of(spec, split) for split in spec.splits}
-    if not spec.is_regression and len(np.unique(labels["train"])) < 2:
-        raise ValueError(f"{spec.split_files['train']}: only one class in the train split; a classifier needs two")
-    best = None
-    grid = alpha_grid if spec.is_regression else c_grid
-    for value in grid:
-        if spec.is_regression:
-            model = Ridge(alpha=value)
-        else:
-            model = LogisticRegression(C=value, max_iter=1000)
-        model.fit(features["train"], labels["train"])
-        predictions = model.predict(features["validation"])
-        validation = score(spec, labels["validation"], predictions)
-        if best is None or validation[spec.metric] > best[1][spec.metric]:
-            best = (value, validation, model, predictions)
-    value, validation, model, predictions = best
-    results = {"task": spec.name, "mode": "linear_probe", "model": model_name, "metric": spec.metric,
-               "alpha" if spec.is_regression else "C": value, "validation": validation,
-               "num_examples": {split: len(ds) for split, ds in spec.splits.items()},
-               "replicates": {"validation": bootstrap_replicates(spec.metric, labels["validation"], predictions)}}
-    if "test" in spec.splits:
-        predictions = model.predict(features["test"])
-        results["test"] = score(spec, labels["test"], predictions)
-        results["replicates"]["test"] = bootstrap_replicates(spec.metric, labels["test"], predictions)
-    return results
-
-
-# ---------------------------------------------------------------- finetune
 PAIR_HEADS = ("cross_encoder", "cosine", "concat")
 
 
@@ -188,7 +108,7 @@ def parameter_groups(model, learning_rate, weight_decay, layerwise_lr_decay=1.0)
     """AdamW groups: no weight decay on biases and norms (pretraining's takes_weight_decay); with
     layerwise_lr_decay < 1 the learning rate shrinks by that factor per layer from the head down to the
     embeddings (ELECTRA / BEiT style)."""
-    from textjepa.training.build import takes_weight_decay
+    from textjepa.optimization import takes_weight_decay
 
     num_layers = model.config.num_hidden_layers
     groups = {}
@@ -267,8 +187,9 @@ def tracker_names(report_to):
 
 
 def finetune(model_name_or_path, spec, args):
-    """Finetune on spec's train split as HF's run_glue_no_trainer.py does (accelerate; args: its flags, see
-    parse_args), keep the epoch with the best validation score and score it on test: results.json's dict.
+    """Finetune on spec's train split as HF's run_glue_no_trainer.py does (accelerate; args: parse_args'
+    Namespace, every flag in it), keep the epoch with the best validation score and score it on test:
+    results.json's dict.
 
     An accelerate loop rather than transformers.Trainer(load_best_model_at_end=True): Trainer refuses
     --checkpointing_steps N with per-epoch validation ("--load_best_model_at_end requires the save and eval
@@ -281,185 +202,244 @@ def finetune(model_name_or_path, spec, args):
     return run.results(start)
 
 
+# ---------------------------------------------------------------- finetuning: the set-up, in the order it runs
+def check_flags(spec, args):
+    """The pair head this task takes: --pair_head for a pair task, "cross_encoder" for a single-sentence one.
+    Refuses flags that do not go together, naming them, before anything is loaded or trained."""
+    pair_head = args.pair_head if spec.is_pair else "cross_encoder"
+    if pair_head not in PAIR_HEADS:
+        raise ValueError(f"--pair_head {pair_head!r}: expected one of {PAIR_HEADS}")
+    if pair_head == "cosine" and not spec.is_regression:
+        raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} "
+                         f"labels ({spec.source}): use --pair_head concat or cross_encoder")
+    if args.with_tracking and not args.output_dir:
+        raise ValueError("--with_tracking: needs --output_dir (the trackers write their logs under it)")
+    resume = args.resume_from_checkpoint
+    # custom_checkpoint_0.pkl is our TrainingRun, which every checkpoint of ours holds: checked now rather
+    # than after the model and data are loaded
+    if resume and not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):
+        raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder written by "
+                                "--checkpointing_steps (step_N or epoch_N under an output_dir)")
+    return pair_head
+
+
+def make_accelerator(args):
+    """The Accelerator: --gradient_accumulation_steps, --mixed_precision, output_dir as its project_dir, and
+    with --with_tracking the --report_to trackers (tracker_names) as its log_with."""
+    from accelerate import Accelerator
+
+    trackers = tracker_names(args.report_to) if args.with_tracking else None
+    return Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
+                       mixed_precision=args.mixed_precision, log_with=trackers or None, project_dir=args.output_dir)
+
+
+def load_model(model_name_or_path, spec, args, pair_head):
+    """Tokenizer, config (the task's labels) and model: a sequence classifier for the cross-encoder, else a
+    BiEncoder over AutoModel with the shipped post-processing (--post_processing shipped).
+
+    Returns (path, tokenizer, config, model, post_processing): path as check_model_dir resolved it;
+    post_processing the names of the shipped parts the bi-encoder applies (token_weights, whitening; [] for
+    none and for the cross-encoder). transformers' own errors for a model's own code and for a head of the
+    wrong size become one line naming our flag."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+
+    from textjepa.embedding.model_dir import check_model_dir
+    from textjepa.embedding.postprocessing import load_token_weights, load_whitening
+
+    trust = args.trust_remote_code
+    path = check_model_dir(model_name_or_path, trust)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name,
+                                            trust_remote_code=trust)
+    except ValueError as error:  # transformers' own message names the Python argument, not our flag
+        if trust or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(f"{path}: its config.json names code of its own (auto_map) for a model type this "
+                         "Python does not know; pass --trust_remote_code to run it") from None
+    config.pad_token_id = tokenizer.pad_token_id
+    if spec.is_regression:
+        config.problem_type = "regression"
+    if pair_head == "cross_encoder":
+        try:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, config=config, trust_remote_code=trust, ignore_mismatched_sizes=args.ignore_mismatched_sizes)
+        except RuntimeError as error:  # transformers' own message is a page of shapes
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(f"{path}: its weights do not fit a {spec.num_labels}-label head (size mismatch); "
+                             "pass --ignore_mismatched_sizes to start those weights afresh") from None
+        return path, tokenizer, config, model, []
+    token_weights = whitening = None
+    if args.post_processing == "shipped" and os.path.isdir(path):  # a hub name ships no files of ours
+        token_weights, whitening = load_token_weights(path, len(tokenizer)), load_whitening(path)
+    model = BiEncoder(AutoModel.from_pretrained(path, config=config, trust_remote_code=trust),
+                      spec.num_labels, pair_head, args.pooling, token_weights, whitening)
+    post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
+                       if part is not None]
+    return path, tokenizer, config, model, post_processing
+
+
+def tokenize_split(spec, split, tokenizer, model, pair_head, max_length, padding):
+    """One split as a list of rows (dicts), each the model inputs of one example (token id lists, at most
+    max_length long; padding: False or "max_length") and its `labels` (a float for regression, else an int).
+    A cross-encoder's row holds only the inputs model.forward takes; a bi-encoder's holds the second text's
+    inputs as `<input>_b` columns."""
+    s1, s2 = texts_of(spec, split)
+    if pair_head == "cross_encoder":
+        forward_args = set(inspect.signature(model.forward).parameters)
+        encoded = tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding)
+        columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for some models
+    else:  # the bi-encoder passes its encoder only the inputs it takes
+        columns = {**tokenizer(s1, truncation=True, max_length=max_length, padding=padding),
+                   **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length,
+                                                        padding=padding).items()}}
+    labels = labels_of(spec, split)
+    if pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
+        train_labels = labels_of(spec, "train")
+        labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
+    columns["labels"] = labels.astype(np.float32 if spec.is_regression else np.int64).tolist()
+    return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
+def pair_collator(tokenizer, pair_head, pad_to_multiple_of):
+    """The loaders' collate_fn: rows (tokenize_split's) -> a batch of tensors, input_ids / attention_mask
+    (B, T) padded to the longest row (T rounded up to pad_to_multiple_of when set) and labels (B,); for a
+    bi-encoder also the second texts' inputs as `<input>_b` (B, T_b), padded on their own."""
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)
+
+    def collate(rows):
+        batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
+        if pair_head != "cross_encoder":
+            second = pad([{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows])
+            batch.update({k + "_b": v for k, v in second.items()})
+        return batch
+
+    return collate
+
+
+def make_loaders(spec, args, tokenizer, model, pair_head, max_length, accelerator):
+    """Every split tokenized once (main process first, as HF's script), a shuffled train loader a resumed run
+    can replay, one loader per evaluated split. Batches are padded to their longest
+    input (a multiple of 8 under mixed precision, for the tensor cores) unless --pad_to_max_length.
+
+    Returns (sampler, train_loader, eval_loaders): sampler the train loader's EpochSampler, eval_loaders
+    {split: DataLoader} for every split but train, in spec.splits' order; none of them prepared yet."""
+    from torch.utils.data import DataLoader
+
+    padding = "max_length" if args.pad_to_max_length else False  # else each batch is padded to its longest
+    multiple = 8 if accelerator.mixed_precision != "no" and not args.pad_to_max_length else None
+    collate = pair_collator(tokenizer, pair_head, multiple)
+    with accelerator.main_process_first():
+        examples = {split: tokenize_split(spec, split, tokenizer, model, pair_head, max_length, padding)
+                    for split in spec.splits}
+    sampler = EpochSampler(examples["train"])  # shuffle=True's sampler, which a resumed run can replay
+    train_loader = DataLoader(examples["train"], sampler=sampler, collate_fn=collate,
+                              batch_size=args.per_device_train_batch_size)
+    eval_loaders = {split: DataLoader(examples[split], collate_fn=collate, batch_size=args.per_device_eval_batch_size)
+                    for split in spec.splits if split != "train"}
+    return sampler, train_loader, eval_loaders
+
+
+def training_length(args, num_batches):
+    """The run's length in optimizer steps, as HF's script: num_batches (train batches per epoch, before
+    accelerate shards them) -> (max_train_steps, num_epochs, warmup_steps). --max_train_steps, when set,
+    overrides --num_train_epochs; --num_warmup_steps, when not 0, overrides --warmup_ratio."""
+    steps_per_epoch = math.ceil(num_batches / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
+    warmup_steps = args.num_warmup_steps or math.ceil(args.warmup_ratio * max_train_steps)
+    return max_train_steps, num_epochs, warmup_steps
+
+
+def make_optimizer(model, args, max_train_steps, warmup_steps, num_processes):
+    """AdamW over parameter_groups and HF's LR schedule (--lr_scheduler_type) sized in optimizer steps:
+    (optimizer, scheduler)."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.learning_rate, args.weight_decay,
+                                                   args.layerwise_lr_decay), lr=args.learning_rate)
+    # A prepared scheduler steps once per process per optimizer step (accelerate), hence * num_processes.
+    scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer,
+                              num_warmup_steps=warmup_steps * num_processes,
+                              num_training_steps=max_train_steps * num_processes)
+    return optimizer, scheduler
+
+
+def resume_from_checkpoint(accelerator, checkpoint, state, sampler):
+    """As HF's script: accelerate's load_state from `checkpoint` (a --resume_from_checkpoint folder, or None:
+    a fresh run), which also fills `state` (the TrainingRun registered for checkpointing); the training loop
+    then skips the batches the checkpoint had trained on. Returns torch's RNG state at the checkpoint when it
+    stopped within an epoch, `sampler` set to replay that epoch's order; else None (an epoch_N checkpoint
+    starts the next epoch afresh)."""
+    if not checkpoint:
+        return None
+    accelerator.load_state(checkpoint)
+    accelerator.print(f"Resumed from checkpoint: {checkpoint}")
+    if not state.batches:
+        return None
+    sampler.replay = state.seed
+    return torch.get_rng_state()
+
+
+def start_trackers(accelerator, args):
+    """The trackers' run, under HF's script's project name, with the flags as its hyperparameters: only the
+    int / float / str / bool ones, the types every tracker takes (TensorBoard's hparams refuse None)."""
+    accelerator.init_trackers("glue_no_trainer", {k: v for k, v in vars(args).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+
+
+def save_finetuned(model, tokenizer, pair_head, output_dir):
+    """--save_model: a cross-encoder as a transformers model; a bi-encoder's encoder as one (AutoModel loads it)
+    with the pair head's own weights (whitening, classifier) beside it in pair_head.pt; the tokenizer.
+    model: unwrapped from accelerate."""
+    if pair_head == "cross_encoder":
+        model.save_pretrained(output_dir)
+    else:  # the encoder as a transformers model, the pair head beside it
+        model.encoder.save_pretrained(output_dir)
+        torch.save({k: v for k, v in model.state_dict().items() if not k.startswith("encoder.")},
+                   os.path.join(output_dir, "pair_head.pt"))
+    tokenizer.save_pretrained(output_dir)
+
+
 class Finetuning:
-    """One finetuning run. Set up in order: flags checked, Accelerator and seed, model (a sequence classifier,
-    or the bi-encoder for --pair_head cosine / concat), tokenized splits and loaders, AdamW and the LR schedule,
-    accelerate.prepare, then a checkpoint's state when resuming. `state` (a TrainingRun) is what a checkpoint
-    holds beyond accelerate's own states."""
+    """One finetuning run. Set up in order (the functions above): flags checked, Accelerator and seed, model (a
+    sequence classifier, or the bi-encoder for --pair_head cosine / concat), tokenized splits and loaders,
+    AdamW and the LR schedule, accelerate.prepare, then a checkpoint's state when resuming. `state` (a
+    TrainingRun) is what a checkpoint holds beyond accelerate's own states."""
 
     def __init__(self, model_name_or_path, spec, args):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
+        from textjepa.embedding.model_dir import default_max_length
+
         self.model_name_or_path, self.spec, self.args = model_name_or_path, spec, args
-        self.pair_head = self._check_flags()
-        self.tracking = getattr(args, "with_tracking", False)
-        self.checkpointing = getattr(args, "checkpointing_steps", None)
-        trackers = tracker_names(getattr(args, "report_to", "all")) if self.tracking else None
-        self.accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
-                                       mixed_precision=args.mixed_precision, log_with=trackers or None,
-                                       project_dir=args.output_dir)
+        self.pair_head = check_flags(spec, args)
+        self.tracking, self.checkpointing = args.with_tracking, args.checkpointing_steps
+        self.accelerator = accelerator = make_accelerator(args)
         if args.seed is not None:  # None: not seeded, as HF's script
             set_seed(args.seed)
-        self._load_model()
-        self._make_loaders()
-        self._make_optimizer()
-        self.model, self.optimizer, self.train_loader, self.scheduler, *loaders = self.accelerator.prepare(
-            self.model, self.optimizer, self.train_loader, self.scheduler, *self.eval_loaders.values())
-        self.eval_loaders = dict(zip(self.eval_loaders, loaders))
-        self.state = TrainingRun()
-        self.accelerator.register_for_checkpointing(self.state)
-        self.rng_state = self._resume()
-        if self.tracking:
-            self.accelerator.init_trackers("glue_no_trainer", {k: v for k, v in vars(args).items()
-                                                               if isinstance(v, (int, float, str, bool))})
-
-    def _check_flags(self):
-        """The pair head this task takes; refuses flags that do not go together, naming them."""
-        spec, args = self.spec, self.args
-        pair_head = getattr(args, "pair_head", "cross_encoder") if spec.is_pair else "cross_encoder"
-        if pair_head not in PAIR_HEADS:
-            raise ValueError(f"--pair_head {pair_head!r}: expected one of {PAIR_HEADS}")
-        if pair_head == "cosine" and not spec.is_regression:
-            raise ValueError(f"--pair_head cosine scores a regression task; {spec.name} has {spec.num_labels} "
-                             f"labels ({spec.source}): use --pair_head concat or cross_encoder")
-        if getattr(args, "with_tracking", False) and not args.output_dir:
-            raise ValueError("--with_tracking: needs --output_dir (the trackers write their logs under it)")
-        resume = getattr(args, "resume_from_checkpoint", None)
-        if resume and not os.path.isfile(os.path.join(resume, "custom_checkpoint_0.pkl")):
-            raise FileNotFoundError(f"--resume_from_checkpoint {resume}: not a checkpoint folder written by "
-                                    "--checkpointing_steps (step_N or epoch_N under an output_dir)")
-        return pair_head
-
-    def _load_model(self):
-        """Tokenizer, config (the task's labels) and model; transformers' own errors for a model's own code and
-        for a head of the wrong size become one line naming our flag."""
-        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
-
-        from textjepa.evaluation.model_dir import check_model_dir
-        from textjepa.evaluation.whitening import load_token_weights, load_whitening
-
-        spec, args = self.spec, self.args
-        trust = getattr(args, "trust_remote_code", False)
-        self.path = path = check_model_dir(self.model_name_or_path, trust)
-        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-        if tokenizer.pad_token is None:  # decoder-style tokenizers: pad with eos, masked out anyway
-            tokenizer.pad_token = tokenizer.eos_token
-        try:
-            config = AutoConfig.from_pretrained(path, num_labels=spec.num_labels, finetuning_task=spec.name,
-                                                trust_remote_code=trust)
-        except ValueError as error:  # transformers' own message names the Python argument, not our flag
-            if trust or "trust_remote_code" not in str(error):
-                raise
-            raise ValueError(f"{path}: its config.json names code of its own (auto_map) for a model type this "
-                             "Python does not know; pass --trust_remote_code to run it") from None
-        config.pad_token_id = tokenizer.pad_token_id
-        if spec.is_regression:
-            config.problem_type = "regression"
-        self.config, self.post_processing = config, []  # post_processing: the shipped parts the bi-encoder applies
-        if self.pair_head == "cross_encoder":
-            try:
-                self.model = AutoModelForSequenceClassification.from_pretrained(
-                    path, config=config, trust_remote_code=trust,
-                    ignore_mismatched_sizes=getattr(args, "ignore_mismatched_sizes", False))
-            except RuntimeError as error:  # transformers' own message is a page of shapes
-                if "ignore_mismatched_sizes" not in str(error):
-                    raise
-                raise ValueError(f"{path}: its weights do not fit a {spec.num_labels}-label head (size mismatch); "
-                                 "pass --ignore_mismatched_sizes to start those weights afresh") from None
-            return
-        token_weights = whitening = None
-        if getattr(args, "post_processing", "shipped") == "shipped" and os.path.isdir(path):
-            token_weights, whitening = load_token_weights(path, len(tokenizer)), load_whitening(path)
-        self.model = BiEncoder(AutoModel.from_pretrained(path, config=config, trust_remote_code=trust),
-                               spec.num_labels, self.pair_head, getattr(args, "pooling", "mean"), token_weights,
-                               whitening)
-        self.post_processing = [name for name, part in (("token_weights", token_weights), ("whitening", whitening))
-                                if part is not None]
-
-    def _tokenize(self, split, max_length, padding):
-        """One split as rows of model inputs and `labels` (a bi-encoder's second text as `<input>_b` columns)."""
-        spec, tokenizer = self.spec, self.tokenizer
-        s1, s2 = texts_of(spec, split)
-        if self.pair_head == "cross_encoder":
-            forward_args = set(inspect.signature(self.model.forward).parameters)
-            encoded = tokenizer(s1, s2, truncation=True, max_length=max_length, padding=padding)
-            columns = {k: v for k, v in encoded.items() if k in forward_args}  # e.g. no token_type_ids for some models
-        else:  # the bi-encoder passes its encoder only the inputs it takes
-            columns = {**tokenizer(s1, truncation=True, max_length=max_length, padding=padding),
-                       **{k + "_b": v for k, v in tokenizer(s2, truncation=True, max_length=max_length,
-                                                            padding=padding).items()}}
-        labels = labels_of(spec, split)
-        if self.pair_head == "cosine":  # cosines live in [-1, 1]: fit scores scaled to [0, 1] (metrics are rank/affine-free)
-            train_labels = labels_of(spec, "train")
-            labels = (labels - train_labels.min()) / max(np.ptp(train_labels), 1e-12)
-        columns["labels"] = labels.astype(np.float32 if spec.is_regression else np.int64).tolist()
-        return [dict(zip(columns, row)) for row in zip(*columns.values())]
-
-    def _make_loaders(self):
-        """Every split tokenized once (main process first), a shuffled train loader a resumed run can replay,
-        and one loader per evaluated split. Batches are padded to their longest input (a multiple of 8 under
-        mixed precision) unless --pad_to_max_length."""
-        from torch.utils.data import DataLoader
-        from transformers import DataCollatorWithPadding
-
-        from textjepa.evaluation.model_dir import default_max_length
-
-        args, spec = self.args, self.spec
+        path, self.tokenizer, config, model, self.post_processing = load_model(model_name_or_path, spec, args,
+                                                                               self.pair_head)
         # never longer than the model's positions (a small pretrained encoder may hold fewer than --max_length)
-        max_length = min(args.max_length, default_max_length(self.config, self.tokenizer, self.path))
-        pad_to_max_length = getattr(args, "pad_to_max_length", False)
-        padding = "max_length" if pad_to_max_length else False  # else each batch is padded to its longest
-        multiple = 8 if self.accelerator.mixed_precision != "no" and not pad_to_max_length else None
-        pad = DataCollatorWithPadding(self.tokenizer, pad_to_multiple_of=multiple)
-
-        def collate(rows):
-            batch = pad([{k: v for k, v in row.items() if not k.endswith("_b")} for row in rows])
-            if self.pair_head != "cross_encoder":
-                second = pad([{k[:-2]: v for k, v in row.items() if k.endswith("_b")} for row in rows])
-                batch.update({k + "_b": v for k, v in second.items()})
-            return batch
-
-        with self.accelerator.main_process_first():
-            examples = {split: self._tokenize(split, max_length, padding) for split in spec.splits}
-        self.sampler = EpochSampler(examples["train"])  # shuffle=True's sampler, which a resumed run can replay
-        self.train_loader = DataLoader(examples["train"], sampler=self.sampler, collate_fn=collate,
-                                       batch_size=args.per_device_train_batch_size)
-        self.eval_loaders = {split: DataLoader(examples[split], collate_fn=collate,
-                                               batch_size=args.per_device_eval_batch_size)
-                             for split in spec.splits if split != "train"}
-
-    def _make_optimizer(self):
-        """AdamW over parameter_groups and HF's LR schedule, sized in optimizer steps."""
-        from transformers import get_scheduler
-
-        args, accelerator = self.args, self.accelerator
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, args.learning_rate, args.weight_decay,
-                                                            getattr(args, "layerwise_lr_decay", 1.0)),
-                                           lr=args.learning_rate)
-        steps_per_epoch = math.ceil(len(self.train_loader) / args.gradient_accumulation_steps)
-        self.max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-        self.num_epochs = math.ceil(self.max_train_steps / steps_per_epoch)
-        self.warmup_steps = args.num_warmup_steps or math.ceil(getattr(args, "warmup_ratio", 0.0)
-                                                               * self.max_train_steps)
-        # A prepared scheduler steps once per process per optimizer step (accelerate), hence * num_processes.
-        self.scheduler = get_scheduler(args.lr_scheduler_type, optimizer=self.optimizer,
-                                       num_warmup_steps=self.warmup_steps * accelerator.num_processes,
-                                       num_training_steps=self.max_train_steps * accelerator.num_processes)
-
-    def _resume(self):
-        """As HF's script: accelerate's load_state, then (train) skips the batches the checkpoint had trained
-        on. Returns torch's RNG state at the checkpoint when it stopped within an epoch (else None); an
-        epoch_N checkpoint starts the next epoch afresh."""
-        resume = getattr(self.args, "resume_from_checkpoint", None)
-        if not resume:
-            return None
-        self.accelerator.load_state(resume)
-        self.accelerator.print(f"Resumed from checkpoint: {resume}")
-        if not self.state.batches:
-            return None
-        self.sampler.replay = self.state.seed
-        return torch.get_rng_state()
+        max_length = min(args.max_length, default_max_length(config, self.tokenizer, path))
+        self.sampler, train_loader, eval_loaders = make_loaders(spec, args, self.tokenizer, model, self.pair_head,
+                                                                max_length, accelerator)
+        self.max_train_steps, self.num_epochs, self.warmup_steps = training_length(args, len(train_loader))
+        optimizer, scheduler = make_optimizer(model, args, self.max_train_steps, self.warmup_steps,
+                                              accelerator.num_processes)
+        self.model, self.optimizer, self.train_loader, self.scheduler, *loaders = accelerator.prepare(
+            model, optimizer, train_loader, scheduler, *eval_loaders.values())
+        self.eval_loaders = dict(zip(eval_loaders, loaders))
+        self.state = TrainingRun()
+        accelerator.register_for_checkpointing(self.state)
+        self.rng_state = resume_from_checkpoint(accelerator, args.resume_from_checkpoint, self.state, self.sampler)
+        if self.tracking:
+            start_trackers(accelerator, args)
 
     def save_checkpoint(self, name):
         """accelerate's state (model, optimizer, scheduler, RNGs and `state`) in output_dir/name."""
@@ -472,7 +452,7 @@ class Finetuning:
         progress = tqdm(range(self.max_train_steps), desc=f"finetune {spec.name}",
                         disable=not self.accelerator.is_local_main_process or not self.args.show_progress)
         progress.update(state.completed_steps)
-        patience = getattr(self.args, "early_stopping_patience", None)
+        patience = self.args.early_stopping_patience
         for epoch in range(state.epoch, self.num_epochs):
             if patience is not None and state.best is not None and epoch - 1 - state.best["epoch"] >= patience:
                 self.accelerator.print(f"early stop: no better validation {spec.metric} for {patience} epoch(s)")
@@ -561,13 +541,7 @@ class Finetuning:
             results["test"] = score(spec, labels, predictions)
             results["test_predictions"] = predictions.tolist()  # per example, for bootstrap intervals
         if args.save_model and args.output_dir and self.accelerator.is_main_process:
-            if self.pair_head == "cross_encoder":
-                unwrapped.save_pretrained(args.output_dir)
-            else:  # the encoder as a transformers model, the pair head beside it
-                unwrapped.encoder.save_pretrained(args.output_dir)
-                torch.save({k: v for k, v in unwrapped.state_dict().items() if not k.startswith("encoder.")},
-                           os.path.join(args.output_dir, "pair_head.pt"))
-            self.tokenizer.save_pretrained(args.output_dir)
+            save_finetuned(unwrapped, self.tokenizer, self.pair_head, args.output_dir)
         results["seconds"] = time.time() - start
         return results
 
@@ -597,6 +571,8 @@ def hf_results(results):
 
 
 def parse_args(argv=None, prog=None):
+    """The flags and their defaults, written here only: code that calls finetune() starts from
+    parse_args(["--model_name_or_path", ...]) and sets the attributes it changes."""
     p = argparse.ArgumentParser(prog=prog, description="GLUE-style finetuning or linear probe of an AutoModel "
                                 "encoder; flags as HF's run_glue_no_trainer.py")
     p.add_argument("--model_name_or_path", required=True)
@@ -672,7 +648,7 @@ def main(argv=None, prog="textjepa glue"):
     if args.mode == "finetune":
         results = finetune(args.model_name_or_path, spec, args)
     else:
-        from textjepa.evaluation.embedding import SentenceEncoder
+        from textjepa.embedding.encoder import SentenceEncoder
 
         encoder = SentenceEncoder(args.model_name_or_path, pooling=args.pooling, max_length=args.max_length,
                                   batch_size=args.per_device_eval_batch_size, trust_remote_code=args.trust_remote_code)

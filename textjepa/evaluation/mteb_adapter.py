@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from textjepa.evaluation.embedding import SentenceEncoder
+from textjepa.embedding.encoder import SentenceEncoder
 
 
 def load_mteb_encoder(model_name, revision=None, *, model_path=None, **kwargs):

@@ -169,7 +169,8 @@ MODULE_PROG = "python -m textjepa.evaluation.retrieval"
 
 
 def main(argv=None):
-    from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
+    from textjepa.embedding.encoder import SentenceEncoder
+    from textjepa.evaluation.task_cli import encoder_main
 
     def add_arguments(p):
         p.add_argument("--data-dir", required=True)

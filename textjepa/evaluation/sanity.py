@@ -35,8 +35,8 @@ def continuation_pairs(num_pairs: int = 256, words: int = 40, seed: int = 0) -> 
 
 def _embed(model, tokenizer, texts) -> torch.Tensor:
     """(N, H) L2-normalised mean-pooled embeddings, through the project's one encode()."""
-    from textjepa.evaluation.embedding import encode
-    from textjepa.evaluation.model_dir import default_max_length
+    from textjepa.embedding.encoder import encode
+    from textjepa.embedding.model_dir import default_max_length
 
     max_length = min(128, default_max_length(model.config, tokenizer))
     return encode(model, tokenizer, texts, max_length=max_length, show_progress=False, convert_to_tensor=True)

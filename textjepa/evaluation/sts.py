@@ -14,7 +14,7 @@ from textjepa.evaluation.tasks import labels_of, load_task_dir, texts_of
 
 def cosine_scores(encoder, sentences1, sentences2, show_progress=False):
     """(N,) cosine similarity of each pair; every distinct sentence is encoded once."""
-    from textjepa.evaluation.embedding import encode_distinct
+    from textjepa.embedding.encoder import encode_distinct
 
     u, v = encode_distinct(encoder, sentences1, sentences2, show_progress=show_progress, normalize=True)  # unit rows
     return (u * v).sum(axis=1)
@@ -57,7 +57,8 @@ MODULE_PROG = "python -m textjepa.evaluation.sts"
 
 
 def main(argv=None):
-    from textjepa.evaluation.embedding import SentenceEncoder, encoder_main
+    from textjepa.embedding.encoder import SentenceEncoder
+    from textjepa.evaluation.task_cli import encoder_main
 
     def add_arguments(p):
         p.add_argument("--task-dir", required=True)

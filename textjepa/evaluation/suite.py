@@ -17,7 +17,7 @@ full results as JSON. `run_suite()` is the same thing as a function for benchmar
 - Each cell is the figure +- half its 95% paired bootstrap interval (1000 resamples of the evaluated
   examples: sentences, pairs or queries); bold is the best of the row, "≈" marks a column whose
   difference to the best is inside that noise. Every column resamples the same examples.
-- --whiten-on fits whitening (textjepa.evaluation.whitening) on unlabeled text per model and adds a
+- --whiten-on fits whitening (textjepa.embedding.postprocessing) on unlabeled text per model and adds a
   "+whitened" column beside each raw one; with --token-weights sif that column also pools with SIF token
   weights counted on the same text ("+sif+whitened"). A model directory with whitening.safetensors or
   token_weights.safetensors is used as shipped.
@@ -34,13 +34,13 @@ import time
 import numpy as np
 
 from textjepa.evaluation import baselines as lexical
-from textjepa.evaluation.embedding import SentenceEncoder, post_processed
-from textjepa.evaluation.glue import linear_probe
+from textjepa.embedding.encoder import SentenceEncoder, post_processed
 from textjepa.evaluation.metrics import interval, with_intervals
+from textjepa.evaluation.probe import linear_probe
 from textjepa.evaluation.retrieval import evaluate_retrieval, load_beir, subsample_corpus, validation_test_qrels
 from textjepa.evaluation.sts import evaluate_sts_task
 from textjepa.evaluation.tasks import EXTENSIONS, load_task_dir
-from textjepa.evaluation.whitening import TOKEN_WEIGHTS, read_unlabeled_texts
+from textjepa.embedding.postprocessing import TOKEN_WEIGHTS, read_unlabeled_texts
 
 SPLIT_CHOICES = {"validation": ("validation",), "test": ("test",), "both": ("validation", "test")}
 SKIP_DIRS = {"pretrain", "__pycache__", ".git"}

@@ -5,6 +5,7 @@ task.json (see ../shared/data/eval/*/task.json):
     {"kind": "sentence_pair", "keys": ["sentence1", "sentence2"], "num_labels": 3,
      "label_names": [...], "metric": "accuracy"}
 num_labels == 1 means a regression task (a score). GLUE tasks by name come from the hub when online.
+score() rates predictions with every metric of the task's kind (the probe's and fine-tuning's scale, x100).
 """
 
 import json
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from textjepa.evaluation.metrics import GLUE_TASK_METRICS
+from textjepa.evaluation.metrics import GLUE_TASK_METRICS, classification_metrics, regression_metrics
 
 SPLITS = ("train", "validation", "test")
 EXTENSIONS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".csv", ".csv.gz", ".parquet")
@@ -24,6 +25,7 @@ TASK_TO_KEYS = {
     "qnli": ("question", "sentence"), "qqp": ("question1", "question2"), "rte": ("sentence1", "sentence2"),
     "sst2": ("sentence", None), "stsb": ("sentence1", "sentence2"), "wnli": ("sentence1", "sentence2"),
 }
+METRICS = ("accuracy", "f1", "matthews", "pearson", "spearman")
 METRIC_ALIASES = {"acc": "accuracy", "matthews_correlation": "matthews", "mcc": "matthews", "spearmanr": "spearman",
                   "pearsonr": "pearson", "f1_macro": "f1"}
 
@@ -50,11 +52,21 @@ class TaskSpec:
         return self.sentence2_key is not None
 
 
-def normalize_metric(name):
-    name = METRIC_ALIASES.get(name.lower(), name.lower())
-    if name not in ("accuracy", "f1", "matthews", "pearson", "spearman"):
-        raise ValueError(f"unknown metric {name!r}; expected accuracy, f1, matthews, pearson or spearman")
-    return name
+def normalize_metric(name, where):
+    """One of METRICS for `name` or its alias; `where` (the flag, or the task.json path) leads the error."""
+    metric = METRIC_ALIASES.get(name.lower(), name.lower()) if isinstance(name, str) else None
+    if metric not in METRICS:
+        raise ValueError(f"{where}: unknown metric {name!r}; expected one of {', '.join(METRICS)}")
+    return metric
+
+
+def score(spec, labels, predictions):
+    """All metrics for the task kind, x100."""
+    if spec.is_regression:
+        metrics = regression_metrics(labels, predictions)
+    else:
+        metrics = classification_metrics(labels, predictions, spec.num_labels)
+    return {name: 100.0 * value for name, value in metrics.items()}
 
 
 def read_split_file(path):
@@ -142,7 +154,12 @@ def load_task(train_file=None, validation_file=None, test_file=None, task_name=N
         labels = list(splits["train"][label_key])
         is_float = any(isinstance(v, float) and not float(v).is_integer() for v in labels)
         num_labels = 1 if is_float else len(set(labels))
-    metric = normalize_metric(metric or info.get("metric") or ("spearman" if num_labels == 1 else "accuracy"))
+    if metric:
+        metric = normalize_metric(metric, "--metric")
+    elif info.get("metric"):
+        metric = normalize_metric(info["metric"], info_path)
+    else:
+        metric = "spearman" if num_labels == 1 else "accuracy"
     spec = TaskSpec(name=name, sentence1_key=s1, sentence2_key=s2, label_key=label_key, num_labels=int(num_labels),
                     metric=metric, label_names=info.get("label_names"), source=info_path if info else "flags",
                     splits=splits, split_files=files)

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import torch
 
+from textjepa.optimization import adamw, takes_weight_decay
+
+from . import schedules
+
 
 def jepa_config(recipe, tokenizer):
     """The recipe's model and ema sections are TextJepaConfig fields (recipe.model_config_kwargs), plus the
@@ -80,12 +84,6 @@ def encoder_of(model):
     return model.roberta if hasattr(model, "roberta") else model.teacher
 
 
-def takes_weight_decay(name: str, param) -> bool:
-    """Weight decay on matrices only: biases, LayerNorm weights and mask tokens (ndim < 2 or named
-    *norm* / *mask_token*) get none. (Pretraining and GLUE fine-tuning both group by this.)"""
-    return not (param.ndim < 2 or "norm" in name.lower() or "mask_token" in name)
-
-
 def parameter_groups(model) -> list[dict]:
     """Decay / no-decay groups (takes_weight_decay); `apply_decay` lets the loop set each group's decay
     per step."""
@@ -98,21 +96,12 @@ def parameter_groups(model) -> list[dict]:
             {"params": no_decay, "apply_decay": False, "weight_decay": 0.0}]
 
 
-def adamw(params, fused: bool | None = None, device=None, **kwargs) -> torch.optim.AdamW:
-    """AdamW, fused where this torch supports it (fused None: try; True: required), else foreach."""
-    params = list(params)
-    if fused is not False:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError, TypeError) as err:
-            if fused:
-                raise RuntimeError(f"optim.fused: true but fused AdamW is unavailable on {device}: {err}") from err
-    return torch.optim.AdamW(params, foreach=True, **kwargs)
-
-
 def build_optimizer(model, recipe, device: torch.device):
     """AdamW with decay / no-decay groups, fused where this torch supports it on `device` (optim.fused:
-    null = try). lr and weight decay are set by the loop before every optimizer step."""
+    null = try). The learning rate and weight decay come from the schedules only (schedules.py): the loop
+    writes step s's values into every group before step s (loop._set_schedules)."""
     optim = recipe.optim
-    return adamw(parameter_groups(model), fused=optim.fused, device=device, lr=optim.lr, betas=tuple(optim.betas),
+    # starts at step 0's scheduled lr, so that optim.lr is read by the schedule alone (no other lr is ever used)
+    first_lr = schedules.learning_rate(0, recipe.train.max_steps, optim.warmup_steps, optim.lr, optim.min_lr)
+    return adamw(parameter_groups(model), fused=optim.fused, device=device, lr=first_lr, betas=tuple(optim.betas),
                  eps=optim.eps)

@@ -42,6 +42,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no checkpoint could be loaded; the message names the path."""
 
 
+class ModelMismatch(CheckpointError):
+    """--resume with a recipe whose model does not fit the checkpoint (its shape changed); the message names
+    the recipe keys that differ from the checkpoint's. Not the checkpoint's fault: no older one would fit."""
+
+
 @dataclass
 class TrainerState:
     """Bookkeeping saved as trainer_state.json in every checkpoint (written last: the 'complete' mark)."""
@@ -321,11 +326,69 @@ def _check_random_states(checkpoint_dir: Path, process_index: int) -> None:
                        "no longer bit-exact", path, problem)
 
 
+# The recipe keys that size the model ("model": all model.* keys): when the model does not fit its checkpoint,
+# those that differ from the checkpoint's recipe.yaml are named.
+MODEL_SHAPE_KEYS = ("objective", "model", "data.block_size", "data.vocab_size", "data.tokenizer",
+                    "data.tokenizer_model")
+
+
+def _dotted(sections: dict) -> dict:
+    """{"objective": "jepa", "model": {"hidden_size": 32}} -> {"objective": "jepa", "model.hidden_size": 32}"""
+    flat = {}
+    for name, value in sections.items():
+        if isinstance(value, dict):
+            flat.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def changed_model_keys(checkpoint_dir: Path, recipe) -> list[tuple[str, object, object]]:
+    """(dotted key, checkpoint's value, recipe's value) for each MODEL_SHAPE_KEYS key where the checkpoint's
+    recipe.yaml differs from `recipe`; [] when that file is missing or unreadable."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(checkpoint_dir) / "recipe.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    saved = _dotted(saved) if isinstance(saved, dict) else {}
+    return [(key, saved[key], value) for key, value in _dotted(recipe.to_dict()).items()
+            if (key in MODEL_SHAPE_KEYS or key.split(".")[0] in MODEL_SHAPE_KEYS) and key in saved
+            and saved[key] != value]
+
+
+def _yaml_text(value) -> str:
+    return "null" if value is None else str(value)  # as --set reads it back
+
+
+def _model_mismatch(checkpoint_dir: Path, recipe, err: RuntimeError) -> ModelMismatch:
+    """One line for a state_dict that does not fit the model: the recipe keys that changed and both values,
+    else torch's first detail (which parameter, both shapes)."""
+    changed = [(key, _yaml_text(old), _yaml_text(new)) for key, old, new in changed_model_keys(checkpoint_dir, recipe)]
+    if changed:
+        what = "; ".join(f"{key} is {new} in the recipe but {old} in the checkpoint" for key, old, new in changed)
+        back = " ".join(f"--set {key}={old}" for key, old, _ in changed)
+        return ModelMismatch(f"{checkpoint_dir}: the recipe's model does not fit this checkpoint: {what}; to resume, "
+                             f"use the checkpoint's values ({back}) or another train.output_dir; the checkpoint is "
+                             "untouched")
+    details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+    return ModelMismatch(f"{checkpoint_dir}: the recipe's model does not fit this checkpoint "
+                         f"({details[0] if details else str(err)}); the checkpoint is untouched")
+
+
 def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> TrainerState:
+    """Load the checkpoint into `model` (and the optimizer, RNG states, teacher); ModelMismatch when the
+    recipe's model does not fit it (nothing on disk is changed)."""
     from safetensors.torch import load_file
 
     _check_random_states(checkpoint_dir, accelerator.process_index)
-    accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
+    try:
+        accelerator.load_state(str(checkpoint_dir))  # model, optimizer, RNG states of this process
+    except RuntimeError as err:
+        if "Error(s) in loading state_dict" not in str(err):  # torch's (and safetensors') words for a misfit
+            raise
+        raise _model_mismatch(checkpoint_dir, recipe, err) from err
     if recipe.objective == "jepa":
         # load on the CPU: load_state_dict copies onto the teacher's device ("cpu:0" is no safetensors device)
         teacher = load_file(str(checkpoint_dir / TEACHER_FILE))

@@ -109,8 +109,8 @@ def check_finite(model, where) -> None:
 def write_sentence_transformers_layout(export_dir, config, tokenizer) -> None:
     """modules.json, pooling and normalisation (as SentenceEncoder encodes), so SentenceTransformer(export_dir,
     trust_remote_code=True) gives SentenceEncoder's vectors; a whitening shipped later adds its Dense module."""
-    from textjepa.evaluation.model_dir import default_max_length
-    from textjepa.evaluation.sentence_transformers_export import write_sentence_transformers_layout as write
+    from textjepa.embedding.model_dir import default_max_length
+    from textjepa.embedding.sentence_transformers_export import write_sentence_transformers_layout as write
 
     write(export_dir, pooling="mean", normalize=True, max_seq_length=default_max_length(config, tokenizer),
           hidden_size=config.hidden_size)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from textjepa.objectives import LOSS_TERM_NAMES
+
 from . import checkpoint as ckpt
 from .checkpoint import CheckpointError, TrainerState, load_checkpoint, save_checkpoint
 from . import schedules
@@ -83,8 +85,8 @@ def resolve_precision(chosen, cpu: bool):
 
 def auto_attention(recipe, accelerator):
     """train.mixed_precision auto on a CPU that runs bf16, with model.attn_implementation left null: the
-    recipe with the eager attention kernel, which there gives 1.2-2x the tokens/s of SDPA (torch's CPU
-    kernel is slow in bf16 at these head sizes: benchmarks/README.md). Otherwise the recipe unchanged.
+    recipe with the eager attention kernel, which is faster there than SDPA (torch's CPU kernel is slow in
+    bf16 at these head sizes; the figures are in benchmarks/README.md). Otherwise the recipe unchanged.
     attn_implementation is a run-time choice, not saved in the export's config.json."""
     if (recipe.objective == "jepa" and recipe.train.mixed_precision == "auto"
             and recipe.model.attn_implementation is None and accelerator.mixed_precision == "bf16"
@@ -287,6 +289,8 @@ def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[Trainer
         if problem is None:
             try:
                 state = load_checkpoint(accelerator, model, candidate, recipe)
+            except ckpt.ModelMismatch:  # the recipe changed, not the checkpoint: no older one fits either
+                raise
             except Exception as err:  # verified, yet a library refused it: name it and go on
                 problem = f"{candidate}: cannot be loaded ({type(err).__name__}: {str(err).splitlines()[0]})"
         if problem is None:
@@ -305,8 +309,9 @@ def _resume_point(accelerator, model, output_dir: Path, recipe) -> tuple[Trainer
 
 
 def _prepare_output_dir(accelerator, recipe, resume: bool, say) -> Path:
-    """Refuse a folder that holds checkpoints unless resuming (train.overwrite: clear it instead),
-    remove half-written saves and write the resolved recipe."""
+    """Refuse a folder that holds checkpoints unless resuming (train.overwrite: clear it instead) and
+    remove half-written saves. (The resolved recipe is written once the run's state is known: a resume that
+    fails must not replace the recipe the checkpoints were trained with.)"""
     output_dir = Path(recipe.train.output_dir)
     existing = ckpt.list_checkpoints(output_dir)
     if existing and not resume:
@@ -322,7 +327,6 @@ def _prepare_output_dir(accelerator, recipe, resume: bool, say) -> Path:
         output_dir.mkdir(parents=True, exist_ok=True)
         for stale in ckpt.remove_stale_tmp(output_dir):
             say(f"removed half-written {stale.name} (interrupted save)")
-        recipe.save(output_dir / "recipe.yaml")
         if recipe.model.init_from:  # what the export needs to write the checkpoint's architecture back
             from textjepa.conversion import read_start
             from textjepa.data import check_block_size
@@ -511,6 +515,8 @@ def _train(recipe, resume, model, announce, cleanup):
     model, optimizer, unwrapped = _prepare_model(recipe, data, accelerator, model, cleanup, say)
     n_params = sum(p.numel() for p in unwrapped.parameters())
     state = _start_state(accelerator, model, output_dir, recipe, resume, say)
+    if accelerator.is_main_process:
+        recipe.save(output_dir / "recipe.yaml")  # the resolved recipe this run trains with
     recorder = _MetricsRecorder(accelerator, recipe, output_dir, state)
     say(f"textjepa {recipe.objective}: {n_params / 1e6:.2f} M trainable parameters, "
         f"{data.num_train_blocks or 'streamed'} train blocks of {recipe.data.block_size} tokens, "
@@ -641,7 +647,7 @@ def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_l
                      source_template=output_dir / "source" if recipe.model.init_from else None)
         summary["export"] = str(export_dir)
         if train_cfg.export_whiten_on:  # post-processing shipped inside the export (SentenceEncoder applies it)
-            from textjepa.evaluation.embedding import ship_whitening
+            from textjepa.embedding.encoder import ship_whitening
 
             from .batches import text_source
 
@@ -657,8 +663,6 @@ def _finish_run(unwrapped, recipe, tokenizer, state, output_dir: Path, metrics_l
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
 
 
-LOSS_TERMS = ("token_loss", "span_loss", "sentence_loss", "cross_view_loss", "bottleneck_loss", "context_loss",
-              "pooled_reg")  # the names TextJepaForPreTraining.forward puts in loss_terms
 
 
 def _mean_throughput(history: list[dict]) -> float | None:
@@ -683,7 +687,7 @@ def format_summary(summary: dict) -> str:
     if summary["objective"] == "jepa":
         lines.append(f"  target std {fmt(final.get('target_std'))}, prediction std {fmt(final.get('prediction_std'))}, "
                      f"EMA momentum {fmt(final.get('momentum'))}")
-        terms = [f"{name} {fmt(final[name])}" for name in LOSS_TERMS if final.get(name) is not None]
+        terms = [f"{name} {fmt(final[name])}" for name in LOSS_TERM_NAMES if final.get(name) is not None]
         if terms:
             lines.append("  loss terms (unweighted): " + ", ".join(terms))
     lines.append(f"  effective rank of pooled {'teacher' if summary['objective'] == 'jepa' else 'encoder'} "

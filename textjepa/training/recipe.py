@@ -38,26 +38,9 @@ class RecipeError(ValueError):
     """A recipe that does not parse; the message names the file and the dotted key."""
 
 
-def _config_section(name: str, doc: str, config_cls, keys, prefix: str = "", extra=()):
-    """A recipe section whose keys are fields of `config_cls` (TextJepaConfig, MaskingConfig), so a
-    setting is declared once, in its config. keys: field names (minus `prefix`) in recipe order; a name
-    ending in "?" is optional in the recipe (type Optional, default null = the config's own default or
-    a value the trainer derives), any other takes the config's type and default. extra: recipe-only keys
-    as (name, type, default)."""
-    config_fields = config_cls.__dataclass_fields__
-    fields = []
-    for key in keys:
-        optional = key.endswith("?")
-        key = key.rstrip("?")
-        spec = config_fields[prefix + key]
-        fields.append((key, Optional[spec.type], None) if optional else (key, spec.type, spec.default))
-    fields += [(key, tp, default) for key, tp, default in extra]
-    section = dataclasses.make_dataclass(name, [(k, tp, field(default=d)) for k, tp, d in fields])
-    section.__doc__, section.__module__ = doc, __name__
-    return section
-
-
-ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; maps 1:1 onto TextJepaConfig fields (MLM uses the encoder ones).
+@dataclass
+class ModelSection:
+    """Encoder + predictor sizes; maps 1:1 onto TextJepaConfig fields (MLM uses the encoder ones).
 
     vocab_size and pad_token_id come from the tokenizer; max_position_embeddings defaults to
     data.block_size. Fields left at null keep TextJepaConfig's own default.
@@ -65,15 +48,44 @@ ModelSection = _config_section("ModelSection", """Encoder + predictor sizes; map
     (textjepa.conversion): the student and the teacher start as that checkpoint, converted exactly; its
     architecture sets the encoder fields (sizes, epsilon, activation, positions: the ones here are not used),
     its tokenizer drives the data, and the export is written back in its architecture.
-    """, TextJepaConfig, [
-    "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings?",
-    "position_embedding_type?", "norm_placement?", "hidden_dropout_prob", "attention_probs_dropout_prob",
-    "predictor_hidden_size?", "predictor_num_hidden_layers?", "predictor_num_attention_heads?",
-    "target_num_layers?", "target_norm?", "loss_type?", "smooth_l1_beta?", "variance_reg_weight?",
-    "sentence_loss_weight?", "token_loss_weight?", "span_loss_weight?", "cross_view_loss_weight?",
-    "cross_view_target?", "bottleneck_loss_weight?", "context_loss_weight?", "pooled_reg?", "pooled_reg_weight?", "sigreg_num_slices?", "pooled_head?", "classifier_pooling?"],
-    extra=[("attn_implementation", Optional[Literal["sdpa", "eager"]], None),  # a PreTrainedConfig kwarg
-           ("init_from", Optional[str], None)])  # not a config field: build.build_model reads it
+    """
+
+    # Each key but the last two is the TextJepaConfig field of the same name (configuration_textjepa.py says
+    # what it does). A key typed Optional and left at null keeps the config's own default; the others have the
+    # config's default (test_recipe checks that they stay equal).
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 1024
+    max_position_embeddings: Optional[int] = None  # null: data.block_size
+    position_embedding_type: Optional[Literal["absolute", "rotary"]] = None
+    norm_placement: Optional[Literal["pre", "post"]] = None
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    predictor_hidden_size: Optional[int] = None
+    predictor_num_hidden_layers: Optional[int] = None
+    predictor_num_attention_heads: Optional[int] = None
+    target_num_layers: Optional[int] = None  # teacher layers averaged into the target
+    target_norm: Optional[Literal["layer_norm", "instance_norm", "none"]] = None
+    loss_type: Optional[Literal["smooth_l1", "mse"]] = None
+    smooth_l1_beta: Optional[float] = None
+    variance_reg_weight: Optional[float] = None
+    # loss weights (0 = off)
+    sentence_loss_weight: Optional[float] = None
+    token_loss_weight: Optional[float] = None
+    span_loss_weight: Optional[float] = None
+    cross_view_loss_weight: Optional[float] = None  # needs view pairs: mask.num_views >= 2 or views: document_halves
+    cross_view_target: Optional[Literal["teacher", "student"]] = None
+    bottleneck_loss_weight: Optional[float] = None
+    context_loss_weight: Optional[float] = None
+    pooled_reg: Optional[Literal["none", "vicreg", "sigreg", "uniformity"]] = None
+    pooled_reg_weight: Optional[float] = None
+    sigreg_num_slices: Optional[int] = None
+    pooled_head: Optional[Literal["mlp", "residual", "identity"]] = None
+    classifier_pooling: Optional[Literal["mean", "cls"]] = None
+    # recipe-only keys
+    attn_implementation: Optional[Literal["sdpa", "eager"]] = None  # a PreTrainedConfig kwarg
+    init_from: Optional[str] = None  # not a config field: build.build_model reads it
 
 
 @dataclass
@@ -117,7 +129,9 @@ class DataSection:
     shuffle_buffer: int = 10000
 
 
-MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textjepa.masking.MaskingConfig (see the contract for meanings);
+@dataclass
+class MaskSection:
+    """JEPA masks: the fields of textjepa.masking.MaskingConfig (see the contract for meanings);
     batches.masking_config turns the section into one.
 
     mlm_probability is used only by `objective: mlm` (HF DataCollatorForLanguageModeling).
@@ -125,10 +139,22 @@ MaskSection = _config_section("MaskSection", """JEPA masks: the fields of textje
     num_spans: null with mean_span_length set (data2vec-like many short spans). num_views 2, 4, ...:
     each block becomes that many segments (the cross-view target's pairs); views: document_halves:
     segments per half document (cross-view pairs).
-    """, MaskingConfig, [
-    "num_masks", "target_ratio", "num_spans", "span_length_distribution", "mean_span_length", "min_span_length",
-    "extra_context_drop", "allow_overlap", "num_views", "views"],
-    extra=[("special_tokens_never_target", bool, True), ("mlm_probability", float, 0.15)])
+    """
+
+    # MaskingConfig's fields of the same name and default (test_recipe checks that they stay equal)
+    num_masks: int = 1
+    target_ratio: float = 0.3
+    num_spans: Optional[int] = 4
+    span_length_distribution: Literal["uniform", "geometric", "poisson"] = "uniform"
+    mean_span_length: Optional[float] = None
+    min_span_length: int = 1
+    extra_context_drop: float = 0.0
+    allow_overlap: bool = False
+    num_views: int = 1
+    views: Literal["none", "document_halves", "documents"] = "none"
+    # recipe-only keys
+    special_tokens_never_target: bool = True
+    mlm_probability: float = 0.15
 
 
 @dataclass
@@ -152,10 +178,16 @@ class OptimSection:
     freeze_layers: int = 0
 
 
-EmaSection = _config_section("EmaSection", """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step: TextJepaConfig's
+@dataclass
+class EmaSection:
+    """Teacher momentum m (teacher <- m*teacher + (1-m)*student) per optimizer step: TextJepaConfig's
     ema_* fields. schedule "frozen" never updates the teacher (a fixed random-target baseline);
-    schedules.ema_momentum computes each step's value.""",
-    TextJepaConfig, ["momentum_start", "momentum_end", "schedule"], prefix=EMA_PREFIX)
+    schedules.ema_momentum computes each step's value."""
+
+    # TextJepaConfig's ema_<key>, same default (test_recipe checks that they stay equal)
+    momentum_start: float = 0.996
+    momentum_end: float = 1.0
+    schedule: Literal["cosine", "linear", "constant", "frozen"] = "cosine"
 
 
 @dataclass

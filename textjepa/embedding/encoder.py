@@ -9,9 +9,7 @@ count so each batch pads to nearly its own length, runs the model under `torch.i
 pools with the project's masked pooling (`textjepa.pool_hidden_states`) and restores input order.
 """
 
-import json
 import os
-import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -19,8 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from textjepa import pool_hidden_states  # importing textjepa registers its Auto classes
-from textjepa.evaluation.model_dir import check_model_dir, default_max_length
-from textjepa.evaluation.whitening import (
+from textjepa.embedding.model_dir import check_model_dir, default_max_length
+from textjepa.embedding.postprocessing import (
     TOKEN_WEIGHTS,
     TOKEN_WEIGHTS_FILE,
     WHITENING_FILE,
@@ -211,35 +209,6 @@ def encode_distinct(encoder, *text_lists, show_progress=False, **encode_kwargs):
     return [None if texts is None else embeddings[[row_of[t] for t in texts]] for texts in text_lists]
 
 
-def hyphenated(arg):
-    """--task_dir=X -> --task-dir=X; values and other arguments as they are."""
-    name, sep, value = arg.partition("=")
-    return name.replace("_", "-") + sep + value if arg.startswith("--") else arg
-
-
-def encoder_main(argv, description, add_arguments, evaluate, summary, prog=None):
-    """The shared `main()` of the per-task modules (sts, retrieval): --model and --pooling (+ the task's
-    own flags from add_arguments(parser)); evaluate(args) -> results, printed as summary(args, results)
-    and written with bootstrap intervals to --output. Flags are spelled with hyphens like `textjepa
-    evaluate`'s; the underscore spellings these modules first had (--task_dir) still work."""
-    import argparse
-
-    from textjepa.evaluation.metrics import with_intervals
-
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--model", required=True)
-    add_arguments(parser)
-    parser.add_argument("--pooling", default="mean", choices=["mean", "cls"])
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args([hyphenated(arg) for arg in (sys.argv[1:] if argv is None else argv)])
-    results = evaluate(args)
-    print(summary(args, results))
-    if args.output:
-        with open(args.output, "w") as f:
-            json.dump(with_intervals(results), f, indent=2)
-    return 0
-
-
 # ---------------------------------------------------------------- shipped whitening
 def post_processed(encoder, texts, token_weights="none"):
     """A copy of `encoder` (sharing its model and cache) with post-processing fitted on `texts`: with
@@ -268,7 +237,7 @@ def ship_whitening(model_dir, source, max_docs=8_800, token_weights="none"):
     if fitted.token_weights is not None:
         save_token_weights(model_dir, fitted.token_weights)
     path = save_whitening(model_dir, *fitted.whitening[-1])
-    from textjepa.evaluation.sentence_transformers_export import (
+    from textjepa.embedding.sentence_transformers_export import (
         has_sentence_transformers_layout,
         write_sentence_transformers_layout,
     )

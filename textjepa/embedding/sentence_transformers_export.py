@@ -21,7 +21,7 @@ dependency of textjepa) in the format sentence-transformers 3 to 6 read:
     3_Normalize/                       L2 normalisation
 
 `write_sentence_transformers_layout(dir)` (re)writes it in place, one file at a time through a temporary
-name, modules.json last; `ship_whitening` (embedding.py) calls it so the WordWeights and Dense modules
+name, modules.json last; `ship_whitening` (encoder.py) calls it so the WordWeights and Dense modules
 always match the shipped post-processing. `export_sentence_transformer(model_dir, out_dir)` writes a copy of any
 encoder directory (a BERT too) with the layout.
 """
@@ -87,7 +87,7 @@ def _default_max_seq_length(model_dir):
     from transformers import AutoConfig, AutoTokenizer
 
     import textjepa  # noqa: F401  registers the textjepa config class
-    from textjepa.evaluation.model_dir import default_max_length
+    from textjepa.embedding.model_dir import default_max_length
 
     config = AutoConfig.from_pretrained(model_dir)
     return default_max_length(config, AutoTokenizer.from_pretrained(model_dir))
@@ -100,7 +100,7 @@ def write_sentence_transformers_layout(model_dir, pooling=None, normalize=None, 
 
     Unset arguments keep what an existing layout says, else: mean pooling, normalised, max_seq_length
     as SentenceEncoder picks it (tokenizer limit, position table, 512), hidden_size from config.json."""
-    from textjepa.evaluation.whitening import load_token_weights, load_whitening
+    from textjepa.embedding.postprocessing import load_token_weights, load_whitening
 
     model_dir = str(model_dir)
     existing = _layout_settings(model_dir) or ("mean", True, None)
@@ -167,7 +167,7 @@ def write_sentence_transformers_layout(model_dir, pooling=None, normalize=None, 
 def export_sentence_transformer(model_dir, output_dir, pooling="mean", normalize=True, max_seq_length=None):
     """Copy an encoder directory to output_dir with the sentence-transformers layout (whitening included);
     written beside output_dir and renamed into place. Returns output_dir."""
-    from textjepa.evaluation.model_dir import check_model_dir
+    from textjepa.embedding.model_dir import check_model_dir
 
     source = check_model_dir(model_dir)
     if not os.path.isdir(source):

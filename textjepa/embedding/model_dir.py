@@ -1,6 +1,6 @@
 """Model directories: which folder to load (check_model_dir: a transformers directory, a sentence-transformers
 folder's transformer subfolder, or a hub name, with errors that name the folder) and the longest input an
-encoder takes (default_max_length). Imported by embedding.py, the sentence-transformers export and glue alike,
+encoder takes (default_max_length). Imported by encoder.py, the sentence-transformers export and glue alike,
 so that neither of the first two imports the other back.
 """
 

@@ -9,7 +9,7 @@ directory: SIF token weights for the mean pooling, then whitening, then L2 norma
 
 ship_whitening(model_dir, "corpus/*.parquet", token_weights="sif") and `textjepa whiten --model DIR --on GLOB
 [--token-weights sif|none]` fit both on a sample of unlabeled text with the model's own SentenceEncoder and
-save them beside the model; they live in embedding.py, beside the encoder they run.
+save them beside the model; they live in encoder.py, beside the encoder they run.
 
 SIF weights (Arora et al. 2017, "smooth inverse frequency"): the mean pooling becomes a weighted mean
 with weight a / (a + p(t)) for token t of unigram probability p(t), so frequent tokens (function words,
