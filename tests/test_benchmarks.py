@@ -242,3 +242,25 @@ def test_cooccurrence_encoder_puts_words_of_one_context_together(tmp_path):
     assert torch.isclose(table.std(), before.get_input_embeddings().weight.std(), rtol=1e-3)
     rest = {k: v for k, v in after.state_dict().items() if "word_embeddings" not in k}
     assert all(torch.equal(v, before.state_dict()[k]) for k, v in rest.items())
+
+
+def test_heading_retrieval_builds_a_beir_folder_from_rst(tmp_path):
+    import pandas as pd
+    from make_heading_retrieval import main as make_heading_retrieval
+
+    from textjepa.evaluation.retrieval import load_beir
+
+    body = ("This section explains the {} in enough words to pass the minimum body length of the filter, "
+            "with a few more words after that for good measure.")
+    rows = []
+    for title in ("Opening files safely", "Closing files safely", "Notes", "Opening files safely again"):
+        rows += [title + "\n" + "=" * len(title), body.format(title.lower()), ".. index:: single: x"]
+    rows += ["Notes\n-----", body.format("second notes")]  # "Notes": one word and repeated, never a query
+    pd.DataFrame({"text": rows, "source": "doc"}).to_parquet(tmp_path / "doc.parquet")
+    make_heading_retrieval(["--source", str(tmp_path / "doc.parquet"), "--out", str(tmp_path / "beir")])
+    corpus, queries, qrels = load_beir(str(tmp_path / "beir"))
+    assert sorted(queries.values()) == ["Closing files safely", "Opening files safely", "Opening files safely again"]
+    assert len(corpus) == 5  # every kept section is searched, the "Notes" ones too
+    for query_id, relevant in qrels.items():
+        (doc_id,) = relevant
+        assert queries[query_id].lower() in corpus[doc_id] and ".. index::" not in corpus[doc_id]
