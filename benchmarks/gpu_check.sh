@@ -90,8 +90,9 @@ step() {
 
 if ((DRY_RUN)); then
     DEVICE=cpu
+    # a small peak matmul: a CPU without native bf16 (AVX2 only) takes minutes for a 2048-wide bf16 one
     THROUGHPUT_ARGS=(--configs h256L4 --vocabs 512 --precisions bf16 --batch 2 --seq 64 --rounds 1 --steps 1
-                     --warmup 0 --threads 1 --no-hf-default)
+                     --warmup 0 --threads 1 --no-hf-default --matmul-size 256)
     TRAIN_ARGS=(--set train.max_steps=2 --set train.batch_size=4 --set log.probe_size=8 --set data.num_workers=2
                 --set data.num_proc=1)
     TRAIN_MINUTES=0.5

@@ -312,7 +312,7 @@ def run_group(size, vocab, precisions, args, log):
     """All variants of one (size, vocab): models built once, rounds interleave every variant."""
     batch, length, device = args.batch, args.seq, args.device
     on_cuda = device.type == "cuda"
-    matmul_size = MATMUL_SIZE[device.type]
+    matmul_size = args.matmul_size or MATMUL_SIZE[device.type]
     recipe = recipe_for(size, args.recipe)
     jepa, jepa_opt = build_jepa(size, vocab, args.attn, length, recipe, device)
     mlm, mlm_opt = build_mlm(size, vocab, args.attn, length, device=device)
@@ -543,6 +543,8 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--matmul-size", type=int, default=None,
+                        help=f"side of the square matmul that measures the peak (default {MATMUL_SIZE})")
     parser.add_argument("--no-hf-default", action="store_true", help="skip the MLM-with-HF-defaults variant")
     parser.add_argument("--split", default=None, metavar="CONFIG:VOCAB:PREC",
                         help="instead of the table, time the phases of each step, e.g. h256L4:8192:fp32")
