@@ -242,25 +242,10 @@ try:
 except ImportError:
     mteb = None
 if mteb is not None:  # mteb's own SentenceTransformer path on a local STS task (no download)
-    from datasets import Dataset, DatasetDict
-    from mteb.abstasks.sts import AbsTaskSTS
-    from mteb.abstasks.task_metadata import TaskMetadata
+    sys.path.insert(0, sys.argv[3])  # tests/: mteb_local imports no textjepa
+    from mteb_local import local_sts_task
 
-    class LocalSTS(AbsTaskSTS):
-        metadata = TaskMetadata(
-            name="AdaptLocalSTS", type="STS", main_score="cosine_spearman", description="pairs",
-            reference="https://example.org", dataset={"path": "local", "revision": "local"}, category="t2t",
-            eval_splits=["test"], eval_langs=["eng-Latn"], date=("2024-01-01", "2024-01-01"), dialect=[],
-            domains=[], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived", modalities=["text"],
-            sample_creation="found", bibtex_citation="")
-        min_score, max_score = 0, 5
-
-        def load_data(self, num_proc=None, **kwargs):
-            self.dataset = DatasetDict({"test": Dataset.from_dict({"sentence1": texts, "sentence2": texts[::-1],
-                                                                   "score": [1.0, 4.0]})})
-            self.data_loaded = True
-
-    result = mteb.evaluate(st, [LocalSTS()], cache=None, show_progress_bar=False)
+    result = mteb.evaluate(st, [local_sts_task(texts, texts[::-1], [1.0, 4.0])], cache=None, show_progress_bar=False)
     assert not result.exceptions, result.exceptions
     mteb_score = result.task_results[0].scores["test"][0]["main_score"]
     assert "textjepa" not in sys.modules
@@ -283,7 +268,7 @@ def test_adapt_run_exports_source_architecture_loadable_without_textjepa_and_res
     elsewhere = tmp_path / "elsewhere"
     shutil.copytree(run / "export", elsewhere / "export")
     result = subprocess.run([sys.executable, "-c", BLOCKED, str(elsewhere / "export"),
-                             json.dumps(["the old sailor watched the grey sea .", "at noon ."])],
+                             json.dumps(["the old sailor watched the grey sea .", "at noon ."]), os.path.dirname(os.path.abspath(__file__))],
                             capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])

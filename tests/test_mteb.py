@@ -6,31 +6,10 @@ import torch
 
 import textjepa
 from conftest import make_eval_data_dir
+from mteb_local import local_sts_task
 from test_evaluation import tokenizer_dir  # noqa: F401  (a fixture)
 
 mteb = pytest.importorskip("mteb")
-
-
-def local_sts_task(sentences1, sentences2, scores):
-    from datasets import Dataset, DatasetDict
-    from mteb.abstasks.sts import AbsTaskSTS
-    from mteb.abstasks.task_metadata import TaskMetadata
-
-    class LocalSTS(AbsTaskSTS):
-        metadata = TaskMetadata(
-            name="TextjepaLocalSTS", type="STS", main_score="cosine_spearman", description="generated pairs",
-            reference="https://example.org", dataset={"path": "local", "revision": "local"}, category="t2t",
-            eval_splits=["test"], eval_langs=["eng-Latn"], date=("2024-01-01", "2024-01-01"), dialect=[],
-            domains=[], task_subtypes=[], license="cc-by-4.0", annotations_creators="derived", modalities=["text"],
-            sample_creation="found", bibtex_citation="")
-        min_score, max_score = 0, 5
-
-        def load_data(self, num_proc=None, **kwargs):  # instead of a hub download
-            self.dataset = DatasetDict({"test": Dataset.from_dict(
-                {"sentence1": list(sentences1), "sentence2": list(sentences2), "score": [float(s) for s in scores]})})
-            self.data_loaded = True
-
-    return LocalSTS()
 
 
 def test_mteb_evaluate_runs_the_adapter(tokenizer_dir, tmp_path):  # noqa: F811
