@@ -270,6 +270,32 @@ def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers
     assert not list(model.sentence_predictor.parameters())
 
 
+def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_batch():
+    # sentence_loss_type="infonce": row (b, s) of the student's pooled vectors is scored against the teacher's
+    # pooled vector of every segment the teacher saw in the batch; its own segment is the right answer
+    model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity",
+                       sentence_loss_type="infonce", sentence_temperature=0.1)
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 97, (2, 32), generator=generator)
+    blocks[0, 11], blocks[1, 20] = SEP, SEP
+    config = MaskingConfig(target_ratio=0.25, num_spans=2, views="documents", separator_token_id=SEP,
+                           special_token_ids=(0, 1, SEP))
+    batch = SpanMaskCollator(config, seed=0)([{"input_ids": row} for row in blocks])
+    out = model(**batch)
+    _, teacher = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
+                                       position_ids=batch["position_ids"])
+    student = model._read_context(batch["input_ids"], None, batch["position_ids"], batch["segment_ids"],
+                                  batch["context_idx"], batch["target_idx"], segmented=True, num_segments=2)
+    assert student.has.all()  # 2 rows x 2 segments: 4 candidates, row-major
+    cosines = torch.nn.functional.cosine_similarity(student.pooled.reshape(4, 1, -1), teacher.reshape(1, 4, -1),
+                                                    dim=-1)  # (4, 4)
+    expected = -torch.log_softmax(cosines / 0.1, dim=1).diagonal().mean()
+    torch.testing.assert_close(out.loss_terms["sentence_loss"], expected)
+    # the other segments are what makes it differ from the cosine form
+    cosine_model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity")
+    assert not torch.isclose(cosine_model(**batch).loss_terms["sentence_loss"], expected)
+
+
 def document_batch(seed=0):
     generator = torch.Generator().manual_seed(seed)
     blocks = torch.randint(3, 97, (3, 32), generator=generator)

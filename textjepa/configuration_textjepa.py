@@ -79,6 +79,7 @@ RANGES = {
     "variance_reg_weight": NON_NEGATIVE, "sentence_loss_weight": NON_NEGATIVE, "token_loss_weight": NON_NEGATIVE,
     "span_loss_weight": NON_NEGATIVE, "cross_view_loss_weight": NON_NEGATIVE, "bottleneck_loss_weight": NON_NEGATIVE,
     "context_loss_weight": NON_NEGATIVE, "pooled_reg_weight": NON_NEGATIVE, "sigreg_num_slices": AT_LEAST_ONE,
+    "sentence_temperature": POSITIVE,
     "ema_momentum_start": UNIT_CLOSED, "ema_momentum_end": UNIT_CLOSED,
 }
 
@@ -110,6 +111,9 @@ class TextJepaConfig(PreTrainedConfig):
             mean-pooled embedding of the whole text, scored by cosine distance. The token targets
             alone teach token-level features; this term shapes the pooled vector that search and
             zero-shot similarity use.
+        sentence_loss_type: "cosine" (default, above) or "infonce": the estimate must pick its own target
+            among the teacher's embeddings of every segment in the batch, cross-entropy over cosine /
+            sentence_temperature (0.05). The candidates are the teacher's fixed vectors, never the student's.
         token_loss_weight: weight of the token-level regression above (1.0; 0 skips the predictor's
             token outputs when nothing else reads them).
         span_loss_weight: weight of span concepts (0 = off): per hidden span, the mean of the
@@ -189,6 +193,8 @@ class TextJepaConfig(PreTrainedConfig):
     smooth_l1_beta: float = 1.0
     variance_reg_weight: float = 0.0
     sentence_loss_weight: float = 1.0
+    sentence_loss_type: Literal["cosine", "infonce"] = "cosine"
+    sentence_temperature: float = 0.05
     token_loss_weight: float = 1.0
     span_loss_weight: float = 0.0
     cross_view_loss_weight: float = 0.0

@@ -35,7 +35,7 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("span_loss"),
     LossTerm("bottleneck_loss", ("loss_type", "smooth_l1_beta", "variance_reg_weight")),
     LossTerm("context_loss", ("loss_type", "smooth_l1_beta", "variance_reg_weight")),
-    LossTerm("sentence_loss", ("pooled_head",)),
+    LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
     LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices")),
 )
@@ -246,11 +246,25 @@ def context_loss(context_predictor, student, context_targets, config):
     return regression_loss(context_predictor(student.states), context_targets, config)
 
 
-def sentence_loss(head, student, sentence_targets, teacher_has):
-    """Each segment's pooled visible context -> the teacher's pooled whole segment, where both saw a token."""
+def sentence_loss(head, student, sentence_targets, teacher_has, config):
+    """Each segment's pooled visible context -> the teacher's pooled whole segment, where both saw a token.
+
+    config.sentence_loss_type "cosine": 1 - cos to the segment's own target. "infonce": the estimate must pick
+    its own target among the teacher's embeddings of every segment in the batch (cosine / sentence_temperature,
+    cross-entropy; CPC's contrastive prediction with the teacher's fixed vectors as the candidates). The other
+    segments of a packed block are its neighbours in the corpus, so near-duplicates are often among them."""
+    own_valid = student.has & teacher_has.repeat_interleave(student.num_masks, dim=0)  # (B*K, S)
+    predictions = head(student.pooled)[own_valid]  # (M, H)
+    if config.sentence_loss_type == "infonce":
+        candidates = sentence_targets[teacher_has]  # (D, H): each segment the teacher saw, once
+        index = (teacher_has.reshape(-1).long().cumsum(0) - 1).view_as(teacher_has)  # (B, S): its row in candidates
+        labels = index.repeat_interleave(student.num_masks, dim=0)[own_valid]  # (M,)
+        logits = F.normalize(predictions.float(), dim=-1) @ F.normalize(candidates.float(), dim=-1).T  # (M, D)
+        if labels.numel() == 0:
+            return logits.sum()
+        return F.cross_entropy(logits / config.sentence_temperature, labels)
     own_targets = sentence_targets.repeat_interleave(student.num_masks, dim=0)  # (B*K, S, H)
-    own_valid = student.has & teacher_has.repeat_interleave(student.num_masks, dim=0)
-    return cosine_distance(head(student.pooled)[own_valid], own_targets[own_valid])
+    return cosine_distance(predictions, own_targets[own_valid])
 
 
 def student_cross_view_loss(head, student, same_document):

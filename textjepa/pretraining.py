@@ -351,7 +351,8 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             terms["context_loss"] = context_loss(self.context_predictor, student, context_targets, self.config)
         # 4. sentence level: from the pooled visible context of each segment
         if self.sentence_predictor is not None:
-            terms["sentence_loss"] = sentence_loss(self.sentence_predictor, student, sentence_targets, teacher_has)
+            terms["sentence_loss"] = sentence_loss(self.sentence_predictor, student, sentence_targets, teacher_has,
+                                                   self.config)
         if use["student_views"]:
             terms["cross_view_loss"], projections = student_cross_view_loss(self.view_predictor, student, same_document)
         elif use["cross_view"]:

@@ -72,6 +72,8 @@ class ModelSection:
     variance_reg_weight: Optional[float] = None
     # loss weights (0 = off)
     sentence_loss_weight: Optional[float] = None
+    sentence_loss_type: Optional[Literal["cosine", "infonce"]] = None
+    sentence_temperature: Optional[float] = None
     token_loss_weight: Optional[float] = None
     span_loss_weight: Optional[float] = None
     cross_view_loss_weight: Optional[float] = None  # needs view pairs: mask.num_views >= 2 or views: document_halves
