@@ -357,6 +357,7 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(tiny_data, tmp_p
     (with the eager attention kernel on the CPU) where loop.native_bf16 says the hardware has it, fp32
     ("no") elsewhere."""
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(loop, "native_bf16", lambda cpu: False)
     assert loop.resolve_precision("auto", cpu=True) == "no"
     assert loop.resolve_precision(None, cpu=True) is None and loop.resolve_precision("fp16", cpu=True) == "fp16"
@@ -373,6 +374,32 @@ def test_auto_precision_is_bf16_only_where_the_hardware_runs_it(tiny_data, tmp_p
                                                                            "train.mixed_precision": "auto"}),
                           announce=said.append)
     assert launched["mixed_precision"] == "no" and not any("overrides" in line for line in said)
+
+
+def test_auto_precision_is_measured_and_a_resume_keeps_what_the_run_trained_in(tiny_data, tmp_path, monkeypatch):
+    """On a CPU, auto measures bf16 against fp32 (not a CPU flag); the checkpoint records the precision the run
+    trained in and an auto resume takes it from there, whatever a new measurement says (resume stays exact)."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    speedup = loop.cpu_bf16_speedup()
+    assert speedup > 0 and loop.native_bf16(cpu=True) == (speedup >= loop.BF16_MIN_SPEEDUP)
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: 2.0)
+    assert loop.resolve_precision("auto", cpu=True) == "bf16"
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: 1.0)
+    assert loop.resolve_precision("auto", cpu=True) == "no"
+    assert loop.resolve_precision("auto", cpu=True, resumed_from="bf16") == "bf16"
+
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: 2.0)  # the first session measures bf16 faster
+    settings = {"train.max_steps": 2, "train.save_every": 2, "train.mixed_precision": "auto"}
+    first = loop.train(tiny_recipe(tiny_data, tmp_path / "run", **settings), announce=quiet)
+    assert first["mixed_precision"] == "bf16"
+    assert ckpt.read_trainer_state(tmp_path / "run" / "checkpoint-00000002").mixed_precision == "bf16"
+    monkeypatch.setattr(loop, "cpu_bf16_speedup", lambda: 1.0)  # the resumed one would measure fp32
+    resumed = loop.train(tiny_recipe(tiny_data, tmp_path / "run", **{**settings, "train.max_steps": 3}),
+                         resume=True, announce=quiet)
+    assert resumed["mixed_precision"] == "bf16" and resumed["steps"] == 3
+    fresh = loop.train(tiny_recipe(tiny_data, tmp_path / "fresh", **settings), announce=quiet)
+    assert fresh["mixed_precision"] == "no"
 
 
 def test_cli_reports_bad_recipe(tmp_path, capsys):

@@ -56,6 +56,7 @@ class TrainerState:
     ema_updates: int = 0
     elapsed_s: float = 0.0  # training wall time over all sessions
     world_size: int = 1
+    mixed_precision: str = ""  # what accelerate ran ("no", "bf16", "fp16"): an `auto` resume keeps it
     last_metrics: dict = field(default_factory=dict)
     # data.streaming: the epoch the next step reads and the step that epoch began at (a resumed stream
     # re-reads that epoch and skips step - stream_epoch_start optimizer steps of blocks)
@@ -399,4 +400,8 @@ def load_checkpoint(accelerator, model, checkpoint_dir: Path, recipe) -> Trainer
                        "change, resume is no longer exact", checkpoint_dir, state.world_size,
                        accelerator.num_processes)
     state.world_size = accelerator.num_processes
+    if state.mixed_precision and state.mixed_precision != accelerator.mixed_precision:
+        logger.warning("%s was trained in precision %s, resuming in %s: resume is no longer exact",
+                       checkpoint_dir, state.mixed_precision, accelerator.mixed_precision)
+    state.mixed_precision = accelerator.mixed_precision
     return state

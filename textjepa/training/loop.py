@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -63,23 +64,58 @@ def _weights_finite(accelerator, unwrapped) -> bool:
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"  # set by `accelerate launch` from its config / flag
 
 
+BF16_MIN_SPEEDUP = 1.2  # auto takes bf16 on a CPU only when it is clearly faster: noise must not flip a choice
+
+
 def native_bf16(cpu: bool) -> bool:
-    """Does this machine run bf16 matmuls natively: a CUDA GPU with bf16, or a CPU with AMX tiles
-    (oneDNN's bf16 kernels; measured in benchmarks/README.md). CPUs with AVX512-BF16 but no AMX are
-    left at fp32: unmeasured."""
+    """Does bf16 autocast pay here: a CUDA GPU with bf16; on a CPU, is it measured faster (cpu_bf16_speedup
+    >= BF16_MIN_SPEEDUP), whatever the flags say: oneDNN runs bf16 fast with AMX, faster or not with
+    AVX512-BF16, and emulates it ~60x slower than fp32 on AVX2 (benchmarks/README.md). Under a launcher
+    without its own precision (torchrun) every process must agree, and a measurement per process may not:
+    there, AMX decides."""
     if not cpu:
         return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return cpu_bf16_speedup() >= BF16_MIN_SPEEDUP
 
 
-def resolve_precision(chosen, cpu: bool):
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_speedup(tokens: int = 128, width: int = 384, repeats: int = 2) -> float:
+    """fp32 time / bf16-autocast time of a transformer MLP's forward and backward (tokens x width ->
+    4 width -> width, BERT-small sizes) on this CPU at the current thread count, best of `repeats`,
+    the two precisions interleaved. Takes well under a second; once per process."""
+    generator = torch.Generator().manual_seed(0)
+    up = torch.randn(width, 4 * width, generator=generator, requires_grad=True)
+    down = torch.randn(4 * width, width, generator=generator, requires_grad=True)
+    x = torch.randn(tokens, width, generator=generator)
+
+    def step(bf16: bool) -> float:
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = (torch.nn.functional.gelu(x @ up) @ down).float().square().mean()
+        loss.backward()
+        return time.perf_counter() - start
+
+    step(False), step(True)  # warm-up: first calls pick kernels
+    best = {False: float("inf"), True: float("inf")}
+    for _ in range(repeats):
+        for bf16 in (False, True):
+            best[bf16] = min(best[bf16], step(bf16))
+    return best[False] / best[True]
+
+
+def resolve_precision(chosen, cpu: bool, resumed_from: str | None = None):
     """train.mixed_precision as accelerate takes it: None leaves it to $ACCELERATE_MIXED_PRECISION
     (accelerate's own default "no" without a launcher); "auto" is the launcher's too, and without one
-    bf16 where native_bf16, else "no"; no/bf16/fp16 as given."""
+    the precision the resumed run trained in (`resumed_from`, from its newest checkpoint: a resume stays
+    bit-exact whatever a new measurement says), else bf16 where native_bf16, else "no"; no/bf16/fp16 as given."""
     if chosen != "auto":
         return chosen
     if os.environ.get(LAUNCHER_PRECISION_ENV):
         return None
+    if resumed_from:
+        return resumed_from
     return "bf16" if native_bf16(cpu) else "no"
 
 
@@ -123,7 +159,19 @@ def _fsdp_over_gloo() -> None:
         state.distributed_type = DistributedType.MULTI_GPU  # the shared state: AcceleratorState copies it
 
 
-def make_accelerator(recipe):
+def trained_precision(output_dir) -> str | None:
+    """The precision the run in output_dir trained in, from its newest checkpoint whose trainer state reads
+    (None: no checkpoint yet, or only ones written before checkpoints recorded it). A broken newer checkpoint
+    is _resume_point's to report; here it is skipped."""
+    for checkpoint in reversed(ckpt.list_checkpoints(output_dir)):
+        try:
+            return ckpt.read_trainer_state(checkpoint).mixed_precision or None
+        except (OSError, ValueError, TypeError):
+            continue
+    return None
+
+
+def make_accelerator(recipe, resume: bool = False):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -134,9 +182,11 @@ def make_accelerator(recipe):
     cpu = t.cpu or not torch.cuda.is_available()
     if cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         _fsdp_over_gloo()
+    resumed_from = trained_precision(t.output_dir) if resume and t.mixed_precision == "auto" else None
     return Accelerator(
         cpu=cpu,
-        mixed_precision=resolve_precision(t.mixed_precision, cpu),  # None: $ACCELERATE_MIXED_PRECISION, else "no"
+        # None: $ACCELERATE_MIXED_PRECISION, else "no"
+        mixed_precision=resolve_precision(t.mixed_precision, cpu, resumed_from),
         gradient_accumulation_steps=t.grad_accum,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=t.output_dir, logging_dir=str(Path(t.output_dir) / "logs")),
@@ -354,7 +404,7 @@ def _start_state(accelerator, model, output_dir: Path, recipe, resume: bool, say
             + "; starting from scratch")
     if recipe.objective == "jepa":
         _update_teacher(accelerator, model, 0.0)  # teacher := the (broadcast) student
-    return TrainerState(world_size=accelerator.num_processes)
+    return TrainerState(world_size=accelerator.num_processes, mixed_precision=accelerator.mixed_precision)
 
 
 def _set_schedules(optimizer, step: int, recipe) -> tuple[float, float]:
@@ -459,13 +509,13 @@ class _MetricsRecorder:
                                    if metrics.get(k) is not None}, refresh=False)
 
 
-def _start_accelerator(recipe, announce, cleanup):
+def _start_accelerator(recipe, resume, announce, cleanup):
     """The Accelerator of this run (threads, TF32 on CUDA, the launcher's or the recipe's precision) and
     `say`, which prints on the main process only. -> (accelerator, say)"""
     die_with_launcher()
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
-    accelerator = make_accelerator(recipe)
+    accelerator = make_accelerator(recipe, resume)
     _allow_tf32(accelerator.device, cleanup)
     say = announce if accelerator.is_main_process else (lambda *a, **k: None)
     conflict = precision_conflict(recipe)
@@ -483,7 +533,7 @@ def _prepare_model(recipe, data, accelerator, model, cleanup, say):
     if model is None:
         model_recipe = auto_attention(recipe, accelerator)
         if model_recipe is not recipe:
-            say("train.mixed_precision auto: bf16 autocast with eager attention (this CPU has AMX)")
+            say("train.mixed_precision auto: bf16 autocast with eager attention (measured faster on this CPU)")
         model = build_model(model_recipe, data.tokenizer)
     model.to(accelerator.device)
     model.train()
@@ -505,7 +555,7 @@ def _train(recipe, resume, model, announce, cleanup):
     from accelerate.utils import set_seed
 
     train_cfg, log_cfg = recipe.train, recipe.log
-    accelerator, say = _start_accelerator(recipe, announce, cleanup)
+    accelerator, say = _start_accelerator(recipe, resume, announce, cleanup)
     _lock_output_dir(accelerator, Path(train_cfg.output_dir), cleanup)
     output_dir = _prepare_output_dir(accelerator, recipe, resume, say)
     set_seed(train_cfg.seed)  # same seed on every process: identical init (DDP broadcasts rank 0's anyway)
