@@ -247,24 +247,35 @@ def test_document_segments_without_the_cut_are_whole_pieces():
     assert positions.tolist() == [[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4]]
 
 
-def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers():
-    # pooled_head="identity": the sentence loss is the cosine distance between the student's pooled visible
-    # context and the teacher's pooled whole document (views="documents"), nothing learnt in between
-
-    model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity")
+def two_document_rows():
+    """A collated batch of 2 rows x 32 tokens, each row two documents (views="documents")."""
     generator = torch.Generator().manual_seed(0)
     blocks = torch.randint(3, 97, (2, 32), generator=generator)
     blocks[0, 11], blocks[1, 20] = SEP, SEP
     config = MaskingConfig(target_ratio=0.25, num_spans=2, views="documents", separator_token_id=SEP,
                            special_token_ids=(0, 1, SEP))
-    batch = SpanMaskCollator(config, seed=0)([{"input_ids": row} for row in blocks])
-    assert batch["segment_ids"].max() == 1
-    out = model(**batch)
+    return SpanMaskCollator(config, seed=0)([{"input_ids": row} for row in blocks])
+
+
+def student_and_teacher_pooled(model, batch):
+    """What the sentence term compares: the student's read of its visible context (StudentView, 2 segments)
+    and the teacher's pooled whole segments (B, 2, H)."""
     _, teacher = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
                                        position_ids=batch["position_ids"])
     student = model._read_context(batch["input_ids"], None, batch["position_ids"], batch["segment_ids"],
-                                  batch["context_idx"], batch["target_idx"], segmented=True,
-                                  num_segments=2)
+                                  batch["context_idx"], batch["target_idx"], segmented=True, num_segments=2)
+    return student, teacher
+
+
+def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers():
+    # pooled_head="identity": the sentence loss is the cosine distance between the student's pooled visible
+    # context and the teacher's pooled whole document (views="documents"), nothing learnt in between
+
+    model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity")
+    batch = two_document_rows()
+    assert batch["segment_ids"].max() == 1
+    out = model(**batch)
+    student, teacher = student_and_teacher_pooled(model, batch)
     expected = cosine_distance(student.pooled[student.has], teacher[student.has])
     torch.testing.assert_close(out.loss_terms["sentence_loss"], expected)
     assert not list(model.sentence_predictor.parameters())
@@ -275,17 +286,9 @@ def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_
     # pooled vector of every segment the teacher saw in the batch; its own segment is the right answer
     model = make_model(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity",
                        sentence_loss_type="infonce", sentence_temperature=0.1)
-    generator = torch.Generator().manual_seed(0)
-    blocks = torch.randint(3, 97, (2, 32), generator=generator)
-    blocks[0, 11], blocks[1, 20] = SEP, SEP
-    config = MaskingConfig(target_ratio=0.25, num_spans=2, views="documents", separator_token_id=SEP,
-                           special_token_ids=(0, 1, SEP))
-    batch = SpanMaskCollator(config, seed=0)([{"input_ids": row} for row in blocks])
+    batch = two_document_rows()
     out = model(**batch)
-    _, teacher = model.compute_targets(batch["input_ids"], return_sentence=True, segment_ids=batch["segment_ids"],
-                                       position_ids=batch["position_ids"])
-    student = model._read_context(batch["input_ids"], None, batch["position_ids"], batch["segment_ids"],
-                                  batch["context_idx"], batch["target_idx"], segmented=True, num_segments=2)
+    student, teacher = student_and_teacher_pooled(model, batch)
     assert student.has.all()  # 2 rows x 2 segments: 4 candidates, row-major
     cosines = torch.nn.functional.cosine_similarity(student.pooled.reshape(4, 1, -1), teacher.reshape(1, 4, -1),
                                                     dim=-1)  # (4, 4)
