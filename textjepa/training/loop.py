@@ -70,7 +70,7 @@ BF16_MIN_SPEEDUP = 1.2  # auto takes bf16 on a CPU only when it is clearly faste
 def native_bf16(cpu: bool) -> bool:
     """Does bf16 autocast pay here: a CUDA GPU with bf16; on a CPU, is it measured faster (cpu_bf16_speedup
     >= BF16_MIN_SPEEDUP), whatever the flags say: oneDNN runs bf16 fast with AMX, faster or not with
-    AVX512-BF16, and emulates it ~60x slower than fp32 on AVX2 (benchmarks/README.md). Under a launcher
+    AVX512-BF16, and emulates it 25-60x slower than fp32 on AVX2 (benchmarks/README.md). Under a launcher
     without its own precision (torchrun) every process must agree, and a measurement per process may not:
     there, AMX decides."""
     if not cpu:
