@@ -9,6 +9,7 @@ from textjepa import TextJepaConfig, TextJepaForPreTraining, pool_hidden_states
 from textjepa.masking import MaskingConfig, SpanMaskCollator, split_views
 from textjepa.objectives import (
     cosine_distance,
+    pooled_regularizer,
     sigreg_statistic,
     span_means,
     uniformity_loss,
@@ -111,6 +112,27 @@ def test_pooled_guards_tell_gaussian_from_collapsed():
     loss.backward()
     with torch.no_grad():
         assert uniformity_loss(y - 1.0 * y.grad).item() < loss.item()
+
+
+def test_uniformity_sharpness_weighs_the_nearest_pair():
+    """uniformity_t is the potential's t: log mean exp(-t ||u - v||^2) over pairs; a larger t puts more of the
+    push on the batch's closest pair (SimCSE-like hard negatives), and the model's term reads config.uniformity_t."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(16, 32), dim=-1)
+    x[1] = torch.nn.functional.normalize(x[0] + 0.1 * torch.randn(32), dim=-1)  # one near-duplicate pair
+    pairs = [(x[i] - x[j]).pow(2).sum() for i in range(16) for j in range(i + 1, 16)]
+    torch.testing.assert_close(uniformity_loss(x, 10.0), torch.stack(pairs).mul(-10.0).exp().mean().log())
+    share = {}
+    for t in (2.0, 10.0):
+        y = x.clone().requires_grad_(True)
+        uniformity_loss(y, t).backward()
+        norms = y.grad.norm(dim=-1)
+        share[t] = (norms[:2].sum() / norms.sum()).item()
+    assert share[10.0] > 2 * share[2.0]
+    config = make_model(pooled_reg="uniformity", pooled_reg_weight=1.0, uniformity_t=10.0).config
+    torch.testing.assert_close(pooled_regularizer(x, config), uniformity_loss(x, 10.0))
+    with pytest.raises(Exception, match="uniformity_t: expected a number > 0"):
+        TextJepaConfig(**tiny_config_kwargs(uniformity_t=0.0))
 
 
 @pytest.mark.parametrize("reg", ["vicreg", "sigreg", "uniformity"])

@@ -79,6 +79,7 @@ RANGES = {
     "variance_reg_weight": NON_NEGATIVE, "sentence_loss_weight": NON_NEGATIVE, "token_loss_weight": NON_NEGATIVE,
     "span_loss_weight": NON_NEGATIVE, "cross_view_loss_weight": NON_NEGATIVE, "bottleneck_loss_weight": NON_NEGATIVE,
     "context_loss_weight": NON_NEGATIVE, "pooled_reg_weight": NON_NEGATIVE, "sigreg_num_slices": AT_LEAST_ONE,
+    "uniformity_t": POSITIVE,
     "sentence_temperature": POSITIVE,
     "ema_momentum_start": UNIT_CLOSED, "ema_momentum_end": UNIT_CLOSED,
 }
@@ -146,6 +147,9 @@ class TextJepaConfig(PreTrainedConfig):
             pushing the batch towards an isotropic Gaussian) or "uniformity" (Wang & Isola: the log mean
             Gaussian potential of the L2-normalised vectors, which spreads them over the sphere as in-batch
             negatives do, with no pair called a negative); "none" (default) or weight 0 = off.
+            uniformity_t: the potential's sharpness t in exp(-t ||u - v||^2) (2.0, Wang & Isola's). On the unit
+            sphere ||u - v||^2 = 2 - 2cos, so t acts as an inverse temperature 1 / (2t): at 2 every pair weighs
+            alike, at 10 the batch's nearest pairs dominate, as in SimCSE's in-batch negatives at 0.05.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -204,6 +208,7 @@ class TextJepaConfig(PreTrainedConfig):
     pooled_reg: Literal["none", "vicreg", "sigreg", "uniformity"] = "none"
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
+    uniformity_t: float = 2.0
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996

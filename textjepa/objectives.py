@@ -37,7 +37,7 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("context_loss", ("loss_type", "smooth_l1_beta", "variance_reg_weight")),
     LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
-    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices")),
+    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t")),
 )
 LOSS_TERM_NAMES = tuple(term.name for term in LOSS_TERMS)
 
@@ -307,5 +307,5 @@ def pooled_regularizer(vectors, config):
     if config.pooled_reg == "vicreg":
         return vicreg_regularizer(vectors)
     if config.pooled_reg == "uniformity":
-        return uniformity_loss(vectors)
+        return uniformity_loss(vectors, config.uniformity_t)
     return sigreg_statistic(vectors, config.sigreg_num_slices)
