@@ -186,6 +186,27 @@ def test_special_tokens_are_never_targets_and_counts_stay_exact():
     assert (torch.diff(tgt, dim=-1) > 0).all()
 
 
+def test_a_row_of_mostly_special_tokens_takes_its_shortfall_from_them():
+    # A block of text outside the vocabulary is mostly [UNK] (a special id): Nt = 12 targets of 40, but the
+    # first row holds only 5 ordinary tokens. It must keep all 5 and take 7 special positions, while the
+    # ordinary row beside it never targets a special token, and the masks stay those of a run without it.
+    unk = 3
+    config = MaskingConfig(target_ratio=0.3, num_spans=2, special_token_ids=[unk])
+    mostly_unknown = [unk] * 35 + [8, 9, 10, 11, 12]
+    ordinary = list(range(5, 45))
+    batch = SpanMaskCollator(config, seed=1)([{"input_ids": mostly_unknown}, {"input_ids": ordinary}])
+    tgt = batch["target_idx"]
+    assert tgt.shape == (2, 1, 12)
+    first = set(tgt[0, 0].tolist())
+    assert set(range(35, 40)) <= first and len(first) == 12
+    assert batch["context_idx"].shape == (2, 1, 28)
+    assert not set(batch["context_idx"][0, 0].tolist()) & first
+    # beside an ordinary first row, from the same seed, the second row draws the same mask: the short row's
+    # refill comes after every other row's draws
+    beside_ordinary = SpanMaskCollator(config, seed=1)([{"input_ids": ordinary}, {"input_ids": ordinary}])
+    assert torch.equal(beside_ordinary["target_idx"][1], tgt[1])
+
+
 def test_allow_overlap_lets_context_include_targets():
     config = MaskingConfig(allow_overlap=True, target_ratio=0.4)
     batch = SpanMaskCollator(config, seed=0)(make_examples(32, 64))
@@ -202,8 +223,6 @@ def test_bad_inputs_raise_clear_errors():
         SpanMaskCollator()([{"input_ids": [5] * 10}, {"input_ids": [5] * 12}])
     with pytest.raises(ValueError, match="empty list"):
         SpanMaskCollator()([])
-    with pytest.raises(ValueError, match="non-special positions"):
-        SpanMaskCollator(MaskingConfig(special_token_ids=[7]))([{"input_ids": [7] * 30 + [8] * 2}])
     with pytest.raises(ValueError, match="target_ratio"):
         MaskingConfig(target_ratio=1.2)
     with pytest.raises(ValueError, match="leaves no context"):

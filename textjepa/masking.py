@@ -19,7 +19,9 @@ How a row is sampled (vectorised over rows with numpy, no per-sample Python loop
      This makes P(position i is a target) = Nt/L for every i, first and last included (I-JEPA's
      sampler never picks the last position; a plain "uniform start" sampler under-samples both ends).
   4. Positions holding special_token_ids are removed from the targets and the same number of
-     positions is added back, preferring neighbours of the existing spans.
+     positions is added back, preferring neighbours of the existing spans. A row with fewer than Nt
+     other positions (a block of text outside the vocabulary is mostly [UNK], a special token) takes
+     the shortfall from its special positions, so the counts stay exact and the run goes on.
   5. Context = complement of the targets, minus Nd uniformly random extra drops. With
      allow_overlap=True the context is instead the complement of an independent span mask (+ drops),
      so it may contain target positions.
@@ -78,7 +80,7 @@ class MaskingConfig:
     min_span_length: int = 1
     extra_context_drop: float = 0.0  # fraction of positions hidden from the student on top of targets
     allow_overlap: bool = False  # True: context sampled independently of targets, may include them
-    special_token_ids: tuple = field(default_factory=tuple)  # positions with these ids are never targets
+    special_token_ids: tuple = field(default_factory=tuple)  # never targets, unless a row has too few other positions
     num_views: int = 1  # 2, 4, ...: cut each block into that many segments (rows) for the cross-view target
     separator_token_id: int | None = None  # the packer's document separator (cross-view pairs check it)
     views: Literal["none", "document_halves", "documents"] = "none"  # segment_ids per (half) document piece (module doc)
@@ -237,17 +239,15 @@ def sample_masks(config, rng, batch_size, length, input_ids=None):
     if config.special_token_ids and input_ids is not None:
         allowed = ~np.isin(np.asarray(input_ids), config.special_token_ids)  # (B, L)
         allowed = np.repeat(allowed, K, axis=0)  # (B*K, L)
-        available = allowed.sum(axis=1)
-        if (available < num_targets).any():
-            row = int(np.argmin(available)) // K
-            raise ValueError(
-                f"sample {row} has only {int(available.min())} non-special positions but {num_targets} targets "
-                f"are needed (special_token_ids={config.special_token_ids}, length {length})"
-            )
         target &= allowed
-        missing = num_targets - target.sum(axis=1)
+        missing = num_targets - target.sum(axis=1)  # (B*K,)
         if missing.any():  # refill, growing the existing spans where possible
-            target |= _pick(rng, allowed & ~target, missing, prefer=_neighbours(target))
+            spare = (allowed & ~target).sum(axis=1)
+            target |= _pick(rng, allowed & ~target, np.minimum(missing, spare), prefer=_neighbours(target))
+            missing = num_targets - target.sum(axis=1)
+            if missing.any():  # a row with fewer than Nt ordinary tokens (e.g. text outside the vocabulary, all
+                # [UNK]) takes the shortfall from its special positions rather than stop the run mid-epoch
+                target |= _pick(rng, ~target, missing, prefer=_neighbours(target))
 
     if config.allow_overlap:
         hidden = sample_span_masks(rng, rows, length, num_targets, **sample)
