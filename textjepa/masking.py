@@ -242,8 +242,8 @@ def sample_masks(config, rng, batch_size, length, input_ids=None):
         target &= allowed
         missing = num_targets - target.sum(axis=1)  # (B*K,)
         if missing.any():  # refill, growing the existing spans where possible
-            spare = (allowed & ~target).sum(axis=1)
-            target |= _pick(rng, allowed & ~target, np.minimum(missing, spare), prefer=_neighbours(target))
+            free = allowed & ~target  # (B*K, L) ordinary positions not yet targets
+            target |= _pick(rng, free, np.minimum(missing, free.sum(axis=1)), prefer=_neighbours(target))
             missing = num_targets - target.sum(axis=1)
             if missing.any():  # a row with fewer than Nt ordinary tokens (e.g. text outside the vocabulary, all
                 # [UNK]) takes the shortfall from its special positions rather than stop the run mid-epoch
