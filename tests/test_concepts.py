@@ -303,6 +303,31 @@ def test_identity_pooled_head_compares_the_students_own_vector_with_the_teachers
     assert not list(model.sentence_predictor.parameters())
 
 
+def test_full_view_guard_spreads_the_students_read_of_each_whole_document():
+    # pooled_reg_view="full": the uniformity potential reads the student's mean-pooled read of each whole
+    # document (what retrieval embeds), not its pooled visible context; the sentence loss is unchanged
+    kwargs = dict(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity", pooled_reg="uniformity",
+                  pooled_reg_weight=0.2, uniformity_t=10.0)
+    batch = two_document_rows()
+    model = make_model(pooled_reg_view="full", **kwargs)
+    with torch.no_grad():
+        alone = []  # each document encoded as a text of its own, positions from 0
+        for row in range(2):
+            for segment in range(2):
+                tokens = batch["input_ids"][row:row + 1, batch["segment_ids"][row] == segment]
+                alone.append(model.textjepa(tokens).last_hidden_state.mean(dim=1)[0])
+    out = model(**batch)
+    torch.testing.assert_close(out.loss_terms["pooled_reg"], uniformity_loss(torch.stack(alone), 10.0),
+                               rtol=1e-5, atol=1e-5)
+    context_view = make_model(**kwargs)(**batch)
+    torch.testing.assert_close(out.loss_terms["sentence_loss"], context_view.loss_terms["sentence_loss"])
+    assert not torch.isclose(out.loss_terms["pooled_reg"], context_view.loss_terms["pooled_reg"])
+    out.loss.backward()
+    assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="pooled_reg_view"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_view="whole"))
+
+
 def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_batch():
     # sentence_loss_type="infonce": row (b, s) of the student's pooled vectors is scored against the teacher's
     # pooled vector of every segment the teacher saw in the batch; its own segment is the right answer

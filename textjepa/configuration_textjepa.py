@@ -150,6 +150,9 @@ class TextJepaConfig(PreTrainedConfig):
             uniformity_t: the potential's sharpness t in exp(-t ||u - v||^2) (2.0, Wang & Isola's). On the unit
             sphere ||u - v||^2 = 2 - 2cos, so t acts as an inverse temperature 1 / (2t): at 2 every pair weighs
             alike, at 10 the batch's nearest pairs dominate, as in SimCSE's in-batch negatives at 0.05.
+            pooled_reg_view: which student vectors the guard reads: "context" (default), the pooled visible
+            context of each segment; "full", the student's mean-pooled read of each whole segment, an extra
+            student pass over the full sequence: the vectors retrieval embeds, with every detail visible.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -209,6 +212,7 @@ class TextJepaConfig(PreTrainedConfig):
     pooled_reg_weight: float = 0.0
     sigreg_num_slices: int = 256
     uniformity_t: float = 2.0
+    pooled_reg_view: Literal["context", "full"] = "context"
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996

@@ -37,7 +37,7 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("context_loss", ("loss_type", "smooth_l1_beta", "variance_reg_weight")),
     LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
-    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t")),
+    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t", "pooled_reg_view")),
 )
 LOSS_TERM_NAMES = tuple(term.name for term in LOSS_TERMS)
 

@@ -361,7 +361,15 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         # 5. optional guard on the geometry of the pooled student vectors (the segments it saw), or of
         #    their projections in the teacher-free cross-view term
         if self.config.pooled_reg != "none" and self.config.pooled_reg_weight > 0:
-            guarded = projections if projections is not None else student.pooled[student.has]  # (M, H)
+            if projections is not None:
+                guarded = projections
+            elif self.config.pooled_reg_view == "full":  # the student's read of each whole segment (D, H)
+                full_states = self.textjepa(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                            segment_ids=segment_ids).last_hidden_state  # (B, L, H)
+                full, _ = segment_means(full_states.float(), segments, attention_mask, num_segments)  # (B, S, H)
+                guarded = full[teacher_has]
+            else:
+                guarded = student.pooled[student.has]  # (M, H)
             terms["pooled_reg"] = pooled_regularizer(guarded, self.config)
         return self._weighted_output(terms, predictions, targets, projections, student)
 

@@ -84,6 +84,7 @@ class ModelSection:
     pooled_reg_weight: Optional[float] = None
     sigreg_num_slices: Optional[int] = None
     uniformity_t: Optional[float] = None
+    pooled_reg_view: Optional[Literal["context", "full"]] = None
     pooled_head: Optional[Literal["mlp", "residual", "identity"]] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     # recipe-only keys
