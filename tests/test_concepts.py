@@ -326,6 +326,9 @@ def test_full_view_guard_spreads_the_students_read_of_each_whole_document():
     assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     with pytest.raises(Exception, match="pooled_reg_view"):
         TextJepaConfig(**tiny_config_kwargs(pooled_reg_view="whole"))
+    with pytest.raises(Exception, match="pooled_reg_view: 'full' has no effect"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_view="full", cross_view_target="student",
+                                            cross_view_loss_weight=1.0))
 
 
 def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_batch():

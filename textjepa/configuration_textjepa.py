@@ -251,6 +251,9 @@ class TextJepaConfig(PreTrainedConfig):
             if self.position_embedding_type == "rotary" and (width_value // heads_value) % 2:
                 raise SettingError("TextJepaConfig", "position_embedding_type",
                                    f"rotary positions need an even head size; {{{width}}}/{{{heads}}} is odd")
+        if self.pooled_reg_view == "full" and self.cross_view_target == "student" and self.cross_view_loss_weight > 0:
+            raise SettingError("TextJepaConfig", "pooled_reg_view", "'full' has no effect with {cross_view_target}="
+                               "'student' (the guard reads that term's projections); use 'context'")
         if self.target_num_layers > self.num_hidden_layers:
             raise SettingError("TextJepaConfig", "target_num_layers", f"expected at most {{num_hidden_layers}}="
                                f"{self.num_hidden_layers}, got {self.target_num_layers}")
