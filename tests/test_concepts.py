@@ -331,6 +331,46 @@ def test_full_view_guard_spreads_the_students_read_of_each_whole_document():
                                             cross_view_loss_weight=1.0))
 
 
+def test_bank_pushes_each_student_vector_from_the_teachers_documents_of_earlier_batches():
+    # pooled_reg_bank=Q: the uniformity potential's mean also runs over (student vector, queued vector) pairs,
+    # the queue holding the teacher's unit-length pooled segments of earlier training batches (first in, first out)
+    torch.manual_seed(0)
+    x, bank = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (5, 3))
+    pairs = [(x[i] - x[j]).pow(2).sum() for i in range(5) for j in range(i + 1, 5)]
+    pairs += [(x[i] - bank[q]).pow(2).sum() for i in range(5) for q in range(3)]
+    torch.testing.assert_close(uniformity_loss(x, 10.0, bank), torch.stack(pairs).mul(-10.0).exp().mean().log())
+    torch.testing.assert_close(uniformity_loss(x, 10.0, bank[:0]), uniformity_loss(x, 10.0))
+
+    kwargs = dict(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity", pooled_reg="uniformity",
+                  pooled_reg_weight=0.2, uniformity_t=10.0)
+    batch = two_document_rows()  # 4 documents
+    model = make_model(pooled_reg_bank=6, **kwargs)
+    first = model(**batch)  # an empty queue: the batch alone, as without a bank
+    torch.testing.assert_close(first.loss_terms["pooled_reg"], make_model(**kwargs)(**batch).loss_terms["pooled_reg"])
+    student, teacher = student_and_teacher_pooled(model, batch)
+    queued = torch.nn.functional.normalize(teacher.reshape(4, -1), dim=-1)
+    assert int(model.pooled_bank_seen) == 4
+    torch.testing.assert_close(model.pooled_bank[:4], queued)
+    second = model(**batch)
+    expected = uniformity_loss(student.pooled[student.has], 10.0, queued)
+    torch.testing.assert_close(second.loss_terms["pooled_reg"], expected)
+    assert not torch.isclose(second.loss_terms["pooled_reg"], first.loss_terms["pooled_reg"])
+    second.loss.backward()  # the queue was overwritten in place after the term read it
+    assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    assert int(model.pooled_bank_seen) == 8  # slots 4, 5, then round to 0, 1
+    torch.testing.assert_close(model.pooled_bank[[4, 5, 0, 1]], queued)
+    model.eval()
+    model(**batch)  # evaluation passes leave the queue alone
+    assert int(model.pooled_bank_seen) == 8
+    restored = make_model(seed=1, pooled_reg_bank=6, **kwargs)  # a checkpoint carries the queue
+    restored.load_state_dict(model.state_dict())
+    assert torch.equal(restored.pooled_bank, model.pooled_bank) and int(restored.pooled_bank_seen) == 8
+    with pytest.raises(Exception, match="pooled_reg_bank: a bank holds"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=8))
+    with pytest.raises(Exception, match="pooled_reg_bank: expected a number >= 0"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=-1, **kwargs))
+
+
 def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_batch():
     # sentence_loss_type="infonce": row (b, s) of the student's pooled vectors is scored against the teacher's
     # pooled vector of every segment the teacher saw in the batch; its own segment is the right answer

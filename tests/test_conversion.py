@@ -296,6 +296,24 @@ def test_adapt_run_exports_source_architecture_loadable_without_textjepa_and_res
     assert not torch.equal(whole["textjepa.layers.0.attention.qkv.weight"], start["layers.0.attention.qkv.weight"])
 
 
+def test_adapt_run_with_a_bank_resumes_its_queue_exactly(tmp_path):
+    # model.pooled_reg_bank: the queue is a buffer of the model, so accelerate's checkpoint carries it and
+    # 3 steps + --resume 3 steps == 6 steps, queue included (16 slots, overwritten several times over)
+    from safetensors.torch import load_file
+
+    random_source(tmp_path / "st", "bert")
+    bank = {"model.pooled_reg": "uniformity", "model.pooled_reg_weight": 0.2, "model.pooled_reg_bank": 16}
+    loop.train(adapt_recipe(tmp_path, tmp_path / "st", **{"train.max_steps": 6}, **bank), announce=quiet)
+    split = tmp_path / "split"
+    split.mkdir()
+    loop.train(adapt_recipe(split, tmp_path / "st", **{"train.stop_after": 3}, **bank), announce=quiet)
+    loop.train(adapt_recipe(split, tmp_path / "st", **bank), resume=True, announce=quiet)
+    whole = load_file(str(tmp_path / "run" / "checkpoint-00000006" / "model.safetensors"))
+    resumed = load_file(str(split / "run" / "checkpoint-00000006" / "model.safetensors"))
+    assert int(whole["pooled_bank_seen"]) > 16
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 @pytest.mark.parametrize("init_from, expected", [
     ("{tmp}/nowhere", "model.init_from: {tmp}/nowhere: not a directory"),
     ("{tmp}/deberta", "model_type 'deberta-v2' is not supported; expected one of ['bert', 'roberta', 'xlm-roberta']"),

@@ -79,7 +79,7 @@ RANGES = {
     "variance_reg_weight": NON_NEGATIVE, "sentence_loss_weight": NON_NEGATIVE, "token_loss_weight": NON_NEGATIVE,
     "span_loss_weight": NON_NEGATIVE, "cross_view_loss_weight": NON_NEGATIVE, "bottleneck_loss_weight": NON_NEGATIVE,
     "context_loss_weight": NON_NEGATIVE, "pooled_reg_weight": NON_NEGATIVE, "sigreg_num_slices": AT_LEAST_ONE,
-    "uniformity_t": POSITIVE,
+    "uniformity_t": POSITIVE, "pooled_reg_bank": NON_NEGATIVE,
     "sentence_temperature": POSITIVE,
     "ema_momentum_start": UNIT_CLOSED, "ema_momentum_end": UNIT_CLOSED,
 }
@@ -153,6 +153,11 @@ class TextJepaConfig(PreTrainedConfig):
             pooled_reg_view: which student vectors the guard reads: "context" (default), the pooled visible
             context of each segment; "full", the student's mean-pooled read of each whole segment, an extra
             student pass over the full sequence: the vectors retrieval embeds, with every detail visible.
+            pooled_reg_bank: with "uniformity", how many of the teacher's pooled segment vectors from earlier
+            batches the potential also pushes each student vector away from (a first-in first-out queue, a
+            persistent buffer, so checkpoints resume it; MoCo's queue). With a frozen teacher these are the
+            start's own embeddings of other documents: more, and harder, neighbours than one batch holds.
+            0 (default) = the batch alone. Under DDP every process keeps its own queue.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -213,6 +218,7 @@ class TextJepaConfig(PreTrainedConfig):
     sigreg_num_slices: int = 256
     uniformity_t: float = 2.0
     pooled_reg_view: Literal["context", "full"] = "context"
+    pooled_reg_bank: int = 0
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996
@@ -254,6 +260,10 @@ class TextJepaConfig(PreTrainedConfig):
         if self.pooled_reg_view == "full" and self.cross_view_target == "student" and self.cross_view_loss_weight > 0:
             raise SettingError("TextJepaConfig", "pooled_reg_view", "'full' has no effect with {cross_view_target}="
                                "'student' (the guard reads that term's projections); use 'context'")
+        if self.pooled_reg_bank and (self.pooled_reg != "uniformity" or self.sentence_loss_weight == 0):
+            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank holds the teacher's sentence vectors "
+                               "for the uniformity potential: it needs {pooled_reg}='uniformity' and "
+                               "{sentence_loss_weight} > 0")
         if self.target_num_layers > self.num_hidden_layers:
             raise SettingError("TextJepaConfig", "target_num_layers", f"expected at most {{num_hidden_layers}}="
                                f"{self.num_hidden_layers}, got {self.target_num_layers}")

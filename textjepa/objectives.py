@@ -37,7 +37,8 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("context_loss", ("loss_type", "smooth_l1_beta", "variance_reg_weight")),
     LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
-    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t", "pooled_reg_view")),
+    LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t", "pooled_reg_view",
+                                   "pooled_reg_bank")),
 )
 LOSS_TERM_NAMES = tuple(term.name for term in LOSS_TERMS)
 
@@ -122,14 +123,18 @@ def vicreg_regularizer(embeddings):
     return variance + off_diagonal.pow(2).sum() / x.shape[1]
 
 
-def uniformity_loss(embeddings, t=2.0):
+def uniformity_loss(embeddings, t=2.0, bank=None):
     """Wang & Isola's uniformity of a batch (N, H) on the unit sphere: log of the mean Gaussian potential
     exp(-t ||u - v||^2) over all pairs (lower = spread out). The spreading half of what in-batch negatives
-    give SimCSE, without any pair being declared a negative."""
+    give SimCSE, without any pair being declared a negative. bank (Q, H), unit vectors held fixed (no
+    gradient): its N * Q pairs with the batch join the mean, so each vector is also pushed from them."""
     unit = F.normalize(embeddings.float(), dim=-1)
-    if unit.shape[0] < 2:
-        return unit.sum() * 0.0
-    return torch.pdist(unit).pow(2).mul(-t).exp().mean().log()
+    if bank is None or not len(bank):
+        if unit.shape[0] < 2:
+            return unit.sum() * 0.0
+        return torch.pdist(unit).pow(2).mul(-t).exp().mean().log()
+    to_bank = (2 - 2 * unit @ bank.float().T).clamp_min(0).flatten()  # (N * Q,) squared distances
+    return torch.cat([torch.pdist(unit).pow(2), to_bank]).mul(-t).exp().mean().log()
 
 
 def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, generator=None):
@@ -301,11 +306,11 @@ def teacher_cross_view_loss(head, student, sentence_targets, teacher_has, same_d
     return cosine_distance(head(student.pooled)[pair_valid], partner_targets[pair_valid])
 
 
-def pooled_regularizer(vectors, config):
+def pooled_regularizer(vectors, config, bank=None):
     """config.pooled_reg on pooled vectors (M, H): the VICReg hinge + covariance, SIGReg's normality test, or
-    the uniformity potential."""
+    the uniformity potential (also against bank (Q, H), when given)."""
     if config.pooled_reg == "vicreg":
         return vicreg_regularizer(vectors)
     if config.pooled_reg == "uniformity":
-        return uniformity_loss(vectors, config.uniformity_t)
+        return uniformity_loss(vectors, config.uniformity_t, bank)
     return sigreg_statistic(vectors, config.sigreg_num_slices)

@@ -291,6 +291,10 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         # the student's states at its visible tokens (N, H) -> the teacher's targets at the same positions
         hidden = config.hidden_size
         self.context_predictor = nn.Linear(hidden, hidden) if config.context_loss_weight > 0 else None
+        if config.pooled_reg_bank:  # the teacher's sentence vectors of earlier batches (Q, H), unit length, and
+            # how many were ever queued (slot = count % Q); buffers, so checkpoints carry the queue
+            self.register_buffer("pooled_bank", torch.zeros(config.pooled_reg_bank, hidden))
+            self.register_buffer("pooled_bank_seen", torch.zeros((), dtype=torch.long))
         self.post_init()
         with torch.no_grad():  # residual pooled heads start as the identity (weights loaded later replace this)
             for head in (self.sentence_predictor, self.view_predictor):
@@ -370,8 +374,22 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
                 guarded = full[teacher_has]
             else:
                 guarded = student.pooled[student.has]  # (M, H)
-            terms["pooled_reg"] = pooled_regularizer(guarded, self.config)
+            bank = None
+            if self.config.pooled_reg_bank:  # a copy: the queue changes in place before backward reads it
+                bank = self.pooled_bank[: min(int(self.pooled_bank_seen), len(self.pooled_bank))].clone()
+                if self.training:  # this batch's documents join the queue for the next steps
+                    self._enqueue_bank(sentence_targets[teacher_has])
+            terms["pooled_reg"] = pooled_regularizer(guarded, self.config, bank)
         return self._weighted_output(terms, predictions, targets, projections, student)
+
+    @torch.no_grad()
+    def _enqueue_bank(self, vectors):
+        """vectors (D, H), the teacher's pooled segments of this batch, overwrite the queue's oldest slots."""
+        size = len(self.pooled_bank)
+        unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
+        slots = (torch.arange(len(unit), device=unit.device) + int(self.pooled_bank_seen)) % size
+        self.pooled_bank[slots] = unit.to(self.pooled_bank.dtype)
+        self.pooled_bank_seen += len(unit)
 
     def _parts_in_use(self, segment_ids, same_document):
         """Which terms and passes this batch needs: the config's weights, and the views the collator sent."""

@@ -85,6 +85,7 @@ class ModelSection:
     sigreg_num_slices: Optional[int] = None
     uniformity_t: Optional[float] = None
     pooled_reg_view: Optional[Literal["context", "full"]] = None
+    pooled_reg_bank: Optional[int] = None
     pooled_head: Optional[Literal["mlp", "residual", "identity"]] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     # recipe-only keys
