@@ -331,9 +331,9 @@ def test_full_view_guard_spreads_the_students_read_of_each_whole_document():
                                             cross_view_loss_weight=1.0))
 
 
-def test_bank_pushes_each_student_vector_from_those_of_earlier_batches():
+def test_bank_pushes_each_student_vector_from_the_teachers_documents_of_earlier_batches():
     # pooled_reg_bank=Q: the uniformity potential's mean also runs over (student vector, queued vector) pairs,
-    # the queue holding the unit-length vectors the guard read in earlier training batches (first in, first out)
+    # the queue holding the teacher's unit-length pooled segments of earlier training batches (first in, first out)
     torch.manual_seed(0)
     x, bank = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (5, 3))
     pairs = [(x[i] - x[j]).pow(2).sum() for i in range(5) for j in range(i + 1, 5)]
@@ -347,8 +347,8 @@ def test_bank_pushes_each_student_vector_from_those_of_earlier_batches():
     model = make_model(pooled_reg_bank=6, **kwargs)
     first = model(**batch)  # an empty queue: the batch alone, as without a bank
     torch.testing.assert_close(first.loss_terms["pooled_reg"], make_model(**kwargs)(**batch).loss_terms["pooled_reg"])
-    student, _ = student_and_teacher_pooled(model, batch)
-    queued = torch.nn.functional.normalize(student.pooled[student.has], dim=-1).detach()
+    student, teacher = student_and_teacher_pooled(model, batch)
+    queued = torch.nn.functional.normalize(teacher.reshape(4, -1), dim=-1)
     assert int(model.pooled_bank_seen) == 4
     torch.testing.assert_close(model.pooled_bank[:4], queued)
     second = model(**batch)
@@ -365,7 +365,7 @@ def test_bank_pushes_each_student_vector_from_those_of_earlier_batches():
     restored = make_model(seed=1, pooled_reg_bank=6, **kwargs)  # a checkpoint carries the queue
     restored.load_state_dict(model.state_dict())
     assert torch.equal(restored.pooled_bank, model.pooled_bank) and int(restored.pooled_bank_seen) == 8
-    with pytest.raises(Exception, match="pooled_reg_bank: a bank of earlier vectors is for the uniformity"):
+    with pytest.raises(Exception, match="pooled_reg_bank: a bank holds"):
         TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=8))
     with pytest.raises(Exception, match="pooled_reg_bank: expected a number >= 0"):
         TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=-1, **kwargs))

@@ -153,12 +153,11 @@ class TextJepaConfig(PreTrainedConfig):
             pooled_reg_view: which student vectors the guard reads: "context" (default), the pooled visible
             context of each segment; "full", the student's mean-pooled read of each whole segment, an extra
             student pass over the full sequence: the vectors retrieval embeds, with every detail visible.
-            pooled_reg_bank: with "uniformity", how many of the vectors the guard read in earlier batches the
-            potential also pushes each new one away from (a first-in first-out queue of the student's own
-            detached vectors, a persistent buffer, so checkpoints resume it; MoCo's queue): more, and harder,
-            neighbours than one batch holds. The student's own, not the teacher's: against fixed vectors
-            the potential also falls when the whole student moves away from them, which the anchor has to
-            fight. 0 (default) = the batch alone. Under DDP every process keeps its own queue.
+            pooled_reg_bank: with "uniformity", how many of the teacher's pooled segment vectors from earlier
+            batches the potential also pushes each student vector away from (a first-in first-out queue, a
+            persistent buffer, so checkpoints resume it; MoCo's queue). With a frozen teacher these are the
+            start's own embeddings of other documents: more, and harder, neighbours than one batch holds.
+            0 (default) = the batch alone. Under DDP every process keeps its own queue.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -261,9 +260,10 @@ class TextJepaConfig(PreTrainedConfig):
         if self.pooled_reg_view == "full" and self.cross_view_target == "student" and self.cross_view_loss_weight > 0:
             raise SettingError("TextJepaConfig", "pooled_reg_view", "'full' has no effect with {cross_view_target}="
                                "'student' (the guard reads that term's projections); use 'context'")
-        if self.pooled_reg_bank and self.pooled_reg != "uniformity":
-            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank of earlier vectors is for the "
-                               "uniformity potential; it needs {pooled_reg}='uniformity'")
+        if self.pooled_reg_bank and (self.pooled_reg != "uniformity" or self.sentence_loss_weight == 0):
+            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank holds the teacher's sentence vectors "
+                               "for the uniformity potential: it needs {pooled_reg}='uniformity' and "
+                               "{sentence_loss_weight} > 0")
         if self.target_num_layers > self.num_hidden_layers:
             raise SettingError("TextJepaConfig", "target_num_layers", f"expected at most {{num_hidden_layers}}="
                                f"{self.num_hidden_layers}, got {self.target_num_layers}")

@@ -291,7 +291,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         # the student's states at its visible tokens (N, H) -> the teacher's targets at the same positions
         hidden = config.hidden_size
         self.context_predictor = nn.Linear(hidden, hidden) if config.context_loss_weight > 0 else None
-        if config.pooled_reg_bank:  # the guarded student vectors of earlier batches (Q, H), unit length, and
+        if config.pooled_reg_bank:  # the teacher's sentence vectors of earlier batches (Q, H), unit length, and
             # how many were ever queued (slot = count % Q); buffers, so checkpoints carry the queue
             self.register_buffer("pooled_bank", torch.zeros(config.pooled_reg_bank, hidden))
             self.register_buffer("pooled_bank_seen", torch.zeros((), dtype=torch.long))
@@ -377,14 +377,14 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             bank = None
             if self.config.pooled_reg_bank:  # a copy: the queue changes in place before backward reads it
                 bank = self.pooled_bank[: min(int(self.pooled_bank_seen), len(self.pooled_bank))].clone()
-                if self.training:  # this batch's vectors join the queue for the next steps
-                    self._enqueue_bank(guarded.detach())
+                if self.training:  # this batch's documents join the queue for the next steps
+                    self._enqueue_bank(sentence_targets[teacher_has])
             terms["pooled_reg"] = pooled_regularizer(guarded, self.config, bank)
         return self._weighted_output(terms, predictions, targets, projections, student)
 
     @torch.no_grad()
     def _enqueue_bank(self, vectors):
-        """vectors (M, H), the student vectors this batch's guard read, overwrite the queue's oldest slots."""
+        """vectors (D, H), the teacher's pooled segments of this batch, overwrite the queue's oldest slots."""
         size = len(self.pooled_bank)
         unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
         slots = (torch.arange(len(unit), device=unit.device) + int(self.pooled_bank_seen)) % size
