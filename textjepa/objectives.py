@@ -129,12 +129,12 @@ def uniformity_loss(embeddings, t=2.0, bank=None):
     give SimCSE, without any pair being declared a negative. bank (Q, H), unit vectors held fixed (no
     gradient): its N * Q pairs with the batch join the mean, so each vector is also pushed from them."""
     unit = F.normalize(embeddings.float(), dim=-1)
-    if bank is None or not len(bank):
-        if unit.shape[0] < 2:
-            return unit.sum() * 0.0
-        return torch.pdist(unit).pow(2).mul(-t).exp().mean().log()
-    to_bank = (2 - 2 * unit @ bank.float().T).clamp_min(0).flatten()  # (N * Q,) squared distances
-    return torch.cat([torch.pdist(unit).pow(2), to_bank]).mul(-t).exp().mean().log()
+    squared = torch.pdist(unit).pow(2)  # (N (N - 1) / 2,) squared distances within the batch
+    if bank is not None and len(bank):  # + (N * Q,) to the bank
+        squared = torch.cat([squared, (2 - 2 * unit @ bank.float().T).clamp_min(0).flatten()])
+    if not len(squared):
+        return unit.sum() * 0.0
+    return squared.mul(-t).exp().mean().log()
 
 
 def sigreg_statistic(embeddings, num_slices=256, t_max=3.0, num_points=17, generator=None):

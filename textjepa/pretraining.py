@@ -387,7 +387,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         """vectors (D, H), the teacher's pooled segments of this batch, overwrite the queue's oldest slots."""
         size = len(self.pooled_bank)
         unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
-        slots = (torch.arange(len(unit), device=unit.device) + int(self.pooled_bank_seen)) % size
+        slots = (torch.arange(len(unit), device=unit.device) + self.pooled_bank_seen) % size  # no host sync
         self.pooled_bank[slots] = unit.to(self.pooled_bank.dtype)
         self.pooled_bank_seen += len(unit)
 
