@@ -371,6 +371,50 @@ def test_bank_pushes_each_student_vector_from_the_teachers_documents_of_earlier_
         TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=-1, **kwargs))
 
 
+def test_pieces_of_one_document_are_not_pushed_apart():
+    # pooled_reg_skip_same_document: a document longer than a block is cut into pieces in neighbouring blocks;
+    # the uniformity potential leaves out the pairs of one document, in the batch and against the queue
+    torch.manual_seed(0)
+    x, bank = (torch.nn.functional.normalize(torch.randn(n, 8), dim=-1) for n in (4, 3))
+    documents, bank_documents = torch.tensor([5, 6, 6, 7]), torch.tensor([7, 8, 5])
+    pairs = [(x[i] - x[j]).pow(2).sum() for i in range(4) for j in range(i + 1, 4) if documents[i] != documents[j]]
+    pairs += [(x[i] - bank[q]).pow(2).sum() for i in range(4) for q in range(3) if documents[i] != bank_documents[q]]
+    assert len(pairs) == 5 + 10  # of 6 + 12
+    torch.testing.assert_close(uniformity_loss(x, 10.0, bank, documents, bank_documents),
+                               torch.stack(pairs).mul(-10.0).exp().mean().log())
+    # every document its own: exactly the plain potential
+    distinct = uniformity_loss(x, 10.0, bank, torch.arange(4), torch.arange(4, 7))
+    assert torch.equal(distinct, uniformity_loss(x, 10.0, bank))
+
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randint(3, 97, (2, 32), generator=generator)
+    blocks[0, 11], blocks[1, 20] = SEP, SEP  # row 0: documents 5, 6; row 1 goes on with 6, then 7
+    collator = SpanMaskCollator(MaskingConfig(target_ratio=0.25, num_spans=2, views="documents",
+                                              separator_token_id=SEP, special_token_ids=(0, 1, SEP)), seed=0)
+    batch = collator([{"input_ids": row, "first_document": first} for row, first in zip(blocks, (5, 6))])
+    assert batch["document_ids"][:, [0, 31]].tolist() == [[5, 6], [6, 7]]
+    kwargs = dict(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity", pooled_reg="uniformity",
+                  pooled_reg_weight=0.2, uniformity_t=10.0, pooled_reg_bank=6)
+    model = make_model(pooled_reg_skip_same_document=True, **kwargs)
+    first = model(**batch)
+    student, teacher = student_and_teacher_pooled(model, batch)
+    assert student.has.all()
+    vectors = student.pooled[student.has]  # (4, H): documents 5, 6, 6, 7
+    torch.testing.assert_close(first.loss_terms["pooled_reg"], uniformity_loss(vectors, 10.0, None, documents))
+    plain = make_model(**kwargs)(**batch).loss_terms["pooled_reg"]  # the same batch, the pair of 6's kept
+    torch.testing.assert_close(plain, uniformity_loss(vectors, 10.0))
+    assert not torch.isclose(plain, first.loss_terms["pooled_reg"])
+    assert model.pooled_bank_documents[:4].tolist() == [5, 6, 6, 7]
+    second = model(**batch)  # every queued vector is the teacher's read of one of the batch's own documents
+    queued = torch.nn.functional.normalize(teacher.reshape(4, -1), dim=-1)
+    torch.testing.assert_close(second.loss_terms["pooled_reg"],
+                               uniformity_loss(vectors, 10.0, queued, documents, documents))
+    with pytest.raises(ValueError, match="pooled_reg_skip_same_document needs the batch's document_ids"):
+        model(**{k: v for k, v in batch.items() if k != "document_ids"})
+    with pytest.raises(Exception, match="pooled_reg_skip_same_document: only the uniformity potential"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg="vicreg", pooled_reg_skip_same_document=True))
+
+
 def test_infonce_sentence_loss_picks_the_own_segment_among_every_segment_of_the_batch():
     # sentence_loss_type="infonce": row (b, s) of the student's pooled vectors is scored against the teacher's
     # pooled vector of every segment the teacher saw in the batch; its own segment is the right answer

@@ -298,11 +298,13 @@ def test_adapt_run_exports_source_architecture_loadable_without_textjepa_and_res
 
 def test_adapt_run_with_a_bank_resumes_its_queue_exactly(tmp_path):
     # model.pooled_reg_bank: the queue is a buffer of the model, so accelerate's checkpoint carries it and
-    # 3 steps + --resume 3 steps == 6 steps, queue included (16 slots, overwritten several times over)
+    # 3 steps + --resume 3 steps == 6 steps, queue included (16 slots, overwritten several times over), with
+    # the documents of its vectors (pooled_reg_skip_same_document: the packer's numbers reach the model)
     from safetensors.torch import load_file
 
     random_source(tmp_path / "st", "bert")
-    bank = {"model.pooled_reg": "uniformity", "model.pooled_reg_weight": 0.2, "model.pooled_reg_bank": 16}
+    bank = {"model.pooled_reg": "uniformity", "model.pooled_reg_weight": 0.2, "model.pooled_reg_bank": 16,
+            "model.pooled_reg_skip_same_document": True}
     loop.train(adapt_recipe(tmp_path, tmp_path / "st", **{"train.max_steps": 6}, **bank), announce=quiet)
     split = tmp_path / "split"
     split.mkdir()
@@ -310,7 +312,7 @@ def test_adapt_run_with_a_bank_resumes_its_queue_exactly(tmp_path):
     loop.train(adapt_recipe(split, tmp_path / "st", **bank), resume=True, announce=quiet)
     whole = load_file(str(tmp_path / "run" / "checkpoint-00000006" / "model.safetensors"))
     resumed = load_file(str(split / "run" / "checkpoint-00000006" / "model.safetensors"))
-    assert int(whole["pooled_bank_seen"]) > 16
+    assert int(whole["pooled_bank_seen"]) > 16 and (whole["pooled_bank_documents"] >= 0).all()
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 

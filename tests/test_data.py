@@ -83,7 +83,7 @@ def test_packing_gives_exact_blocks_and_counts_every_token(corpus):
     with pytest.raises(KeyError):  # a.txt has "text", c.jsonl has "content": the jsonl part fails
         build_pretraining_datasets(sources, tokenizer, BLOCK, validation_fraction=0)
     train, valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=0)
-    assert valid is None and train.column_names == ["input_ids"]
+    assert valid is None and train.column_names == ["input_ids", "first_document"]
     blocks = np.array(train["input_ids"])
     assert blocks.shape[1] == BLOCK and blocks.shape[0] > 10
     sep = separator_token_id(tokenizer)
@@ -97,6 +97,20 @@ def test_packing_gives_exact_blocks_and_counts_every_token(corpus):
     first_doc = tokenizer(docs[0], add_special_tokens=False)["input_ids"]
     stream = blocks.ravel().tolist()
     assert stream[: len(first_doc) + 1] == first_doc + [sep]
+    # first_document: the document of each block's first token, from the stream of documents written out
+    owner = [i for i, d in enumerate(docs[:150])
+             for _ in range(len(tokenizer(d, add_special_tokens=False)["input_ids"]) + 1)]
+    assert train["first_document"] == owner[::BLOCK][: len(blocks)]
+    assert len(set(train["first_document"])) < len(blocks)  # the corpus has documents longer than a block
+    # and through the collator's document views, the document of every token
+    collator = SpanMaskCollator(MaskingConfig(views="documents", separator_token_id=sep))
+    batch = collator([{"input_ids": row, "first_document": first}
+                      for row, first in zip(blocks, train["first_document"])])
+    assert batch["document_ids"].ravel().tolist() == owner[: blocks.size]
+    halves = SpanMaskCollator(MaskingConfig(views="document_halves", separator_token_id=sep))
+    assert torch.equal(halves([{"input_ids": blocks[3], "first_document": train["first_document"][3]}])["document_ids"],
+                       batch["document_ids"][3:4])
+    assert "document_ids" not in collator([{"input_ids": row} for row in blocks[:2]])  # blocks of other making
 
 
 def test_validation_by_fraction_by_file_streaming_and_num_proc(corpus):
@@ -110,10 +124,22 @@ def test_validation_by_fraction_by_file_streaming_and_num_proc(corpus):
                                                   validation_files=[str(root / "b.txt")])
     assert len(valid_f) == encoded_length(tokenizer, docs[150:200]) // BLOCK
     assert len(train_f) == total
+    # documents are numbered over the whole split, whichever of the two processes packed them: piece d of
+    # each block is a run of training document first_document + d's tokens (each process drops its own tail)
+    train_docs = load_text_dataset(str(root / "a.txt")).train_test_split(test_size=0.2, seed=0)["train"]["text"]
+    sep = separator_token_id(tokenizer)
+    for row, first in zip(np.array(train["input_ids"]).tolist(), train["first_document"]):
+        cuts = [0] + [i + 1 for i, t in enumerate(row) if t == sep]
+        pieces = [row[a:b] for a, b in zip(cuts, cuts[1:] + [len(row)]) if a < b]
+        for d, piece in enumerate(pieces):
+            whole = tokenizer(train_docs[first + d], add_special_tokens=False)["input_ids"] + [sep]
+            assert any(whole[i:i + len(piece)] == piece for i in range(len(whole) - len(piece) + 1)), (first, d)
+    assert max(train["first_document"]) > 100
     # streaming yields the same blocks as the map-style path
     stream_train, _ = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK, validation_fraction=0,
                                                  streaming=True)
     assert [row["input_ids"] for row in stream_train] == train_f["input_ids"]
+    assert [row["first_document"] for row in stream_train] == train_f["first_document"]
     stream_train, stream_valid = build_pretraining_datasets(str(root / "a.txt"), tokenizer, BLOCK,
                                                             validation_fraction=0.2, streaming=True)
     assert len(list(stream_valid)) > 0 and len(list(stream_train)) > 3 * len(list(stream_valid))

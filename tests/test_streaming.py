@@ -44,9 +44,11 @@ def small(tmp_path_factory):
             "arrow_ids": np.asarray(arrow.with_format("numpy")[:]["input_ids"]).tolist()}
 
 
-def ids_and_seeds(ids, seeds):
-    """A make_batch that keeps what a batch maker is given: the block ids and each block's mask seed."""
-    return {"ids": torch.as_tensor(np.asarray(ids), dtype=torch.long), "seeds": torch.tensor(seeds)}
+def ids_and_seeds(ids, seeds, first_documents):
+    """A make_batch that keeps what a batch maker is given: the block ids, each block's mask seed and the
+    document its first token is from."""
+    return {"ids": torch.as_tensor(np.asarray(ids), dtype=torch.long), "seeds": torch.tensor(seeds),
+            "documents": torch.as_tensor(first_documents)}
 
 
 def streamed(small, steps, batch_size=4, grad_accum=1, rank=0, world_size=1, shuffle_buffer=0):
@@ -76,7 +78,7 @@ def test_unshuffled_stream_is_the_arrow_path_in_identity_order(small, monkeypatc
         assert len(stream) == steps * grad_accum
         for i, batch in enumerate(stream):
             expected = arrow[i]
-            assert torch.equal(batch["ids"], expected["ids"]) and torch.equal(batch["seeds"], expected["seeds"]), i
+            assert all(torch.equal(batch[key], expected[key]) for key in ("ids", "seeds", "documents")), i
 
 
 def test_processes_get_disjoint_blocks_and_epochs_reshuffle(small):

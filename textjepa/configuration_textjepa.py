@@ -158,6 +158,11 @@ class TextJepaConfig(PreTrainedConfig):
             persistent buffer, so checkpoints resume it; MoCo's queue). With a frozen teacher these are the
             start's own embeddings of other documents: more, and harder, neighbours than one batch holds.
             0 (default) = the batch alone. Under DDP every process keeps its own queue.
+            pooled_reg_skip_same_document: with "uniformity", leave out the pairs of two pieces of one document
+            (a document longer than a block is cut into pieces in neighbouring blocks, which can meet in a
+            batch or in the queue): they are not two texts to spread apart, and under a sharp potential the
+            nearest pair, the one that weighs most, is often such a pair. Needs the collator's document_ids
+            (mask.views "documents" or "document_halves" on blocks packed with their "first_document").
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -219,6 +224,7 @@ class TextJepaConfig(PreTrainedConfig):
     uniformity_t: float = 2.0
     pooled_reg_view: Literal["context", "full"] = "context"
     pooled_reg_bank: int = 0
+    pooled_reg_skip_same_document: bool = False
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996
@@ -264,6 +270,9 @@ class TextJepaConfig(PreTrainedConfig):
             raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank holds the teacher's sentence vectors "
                                "for the uniformity potential: it needs {pooled_reg}='uniformity' and "
                                "{sentence_loss_weight} > 0")
+        if self.pooled_reg_skip_same_document and self.pooled_reg != "uniformity":
+            raise SettingError("TextJepaConfig", "pooled_reg_skip_same_document", "only the uniformity potential "
+                               f"has pairs to leave out; {{pooled_reg}} is {self.pooled_reg!r}")
         if self.target_num_layers > self.num_hidden_layers:
             raise SettingError("TextJepaConfig", "target_num_layers", f"expected at most {{num_hidden_layers}}="
                                f"{self.num_hidden_layers}, got {self.target_num_layers}")

@@ -2,9 +2,11 @@
 
     load_text_dataset(sources)                -> datasets.Dataset with one column "text" (one document per row)
     load_tokenizer(path)                      -> PreTrainedTokenizerFast (ours or any HF tokenizer dir)
-    build_pretraining_datasets(sources, tok, block_size) -> (train, valid), one column "input_ids" of
+    build_pretraining_datasets(sources, tok, block_size) -> (train, valid), columns "input_ids" of
                                                  exactly block_size ints: documents joined by a separator
-                                                 token (</s> for our tokenizers, [SEP] for BERT's), no padding
+                                                 token (</s> for our tokenizers, [SEP] for BERT's), no padding;
+                                                 and "first_document": which document the block's first token
+                                                 is from (its d-th piece is from first_document + d)
     check_block_size(block_size, max_position_embeddings)  -> raises when the model cannot read a block
 
 Sources are local files (.txt, .jsonl/.json, .csv, .parquet, or globs of them), directories written by
@@ -370,9 +372,13 @@ def check_block_size(block_size, max_position_embeddings):
     return block_size
 
 
-def _tokenize_and_pack(batch, backend, sep_id, block_size):
+def _tokenize_and_pack(batch, indices, backend, sep_id, block_size):
     """Documents -> concatenated ids (each followed by sep) -> rows of exactly block_size ids.
 
+    first_document (per row) is the position, in the packed dataset of documents, of the document its first
+    token belongs to: the document pieces of a row, cut at separators, are documents first_document,
+    first_document + 1, ... (a piece running on from the row before shares its document number with that
+    row's last piece). Pooled objectives read it to tell two pieces of one document from two documents.
     The unfilled tail of each map batch is dropped and counted in "dropped" (stored on the batch's first
     row). A batch too small to fill one block yields a single placeholder row (is_block=False) so that
     its tokens are still counted; pack_dataset removes placeholders."""
@@ -386,11 +392,14 @@ def _tokenize_and_pack(batch, backend, sep_id, block_size):
     num_blocks = len(ids) // block_size
     dropped = len(ids) - num_blocks * block_size
     if num_blocks == 0:
-        return {"input_ids": [[]], "dropped": [dropped], "is_block": [False]}
+        return {"input_ids": [[]], "first_document": [-1], "dropped": [dropped], "is_block": [False]}
     blocks = ids[: num_blocks * block_size].reshape(num_blocks, block_size)
+    # the document holding token b * block_size: the first whose end (one past its separator) lies beyond it
+    first_document = indices[0] + np.searchsorted(ends, np.arange(num_blocks) * block_size, side="right")
     dropped_col = np.zeros(num_blocks, dtype=np.int64)
     dropped_col[0] = dropped
-    return {"input_ids": blocks, "dropped": dropped_col, "is_block": np.ones(num_blocks, dtype=bool)}
+    return {"input_ids": blocks, "first_document": first_document, "dropped": dropped_col,
+            "is_block": np.ones(num_blocks, dtype=bool)}
 
 
 def _whole_text_backend(tokenizer):
@@ -414,11 +423,12 @@ def pack_dataset(docs, tokenizer, block_size, num_proc=1, streaming=False, desc=
     fn_kwargs = dict(backend=_whole_text_backend(tokenizer), sep_id=separator_token_id(tokenizer), block_size=block_size)
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "first_document": datasets.Value("int64"),
         "dropped": datasets.Value("int64"),
         "is_block": datasets.Value("bool"),
     })
-    map_kwargs = dict(batched=True, batch_size=PACK_BATCH_DOCS, fn_kwargs=fn_kwargs, remove_columns=["text"],
-                      features=features)
+    map_kwargs = dict(batched=True, with_indices=True, batch_size=PACK_BATCH_DOCS, fn_kwargs=fn_kwargs,
+                      remove_columns=["text"], features=features)
     if streaming:
         packed = docs.map(_tokenize_and_pack, **map_kwargs)
         packed = packed.filter(lambda flags: flags, input_columns=["is_block"], batched=True)

@@ -45,6 +45,9 @@ over the block as usual. Unlike num_views, every document contributes pairs, how
 Documents (views="documents"): the same, without the cut: segment d is the block's d-th document piece,
 read on its own (attention and positions within it), so the teacher's pooled embedding of a segment is
 its embedding of that whole document, the one the exported encoder gives it; no partners (no cross-view).
+With views, examples that carry "first_document" (the packer's number of the document their first token
+is from) also give document_ids (B, L) long: first_document + d for the tokens of the block's d-th piece,
+so the model can tell two pieces of one long document (in neighbouring blocks) from two documents.
 
 Determinism: the collator owns a numpy Generator seeded from `seed`. Inside a DataLoader worker it
 reseeds itself once per worker from (seed, worker_info.seed), so workers never repeat each other's
@@ -263,10 +266,12 @@ def sample_masks(config, rng, batch_size, length, input_ids=None):
 
 
 class SpanMaskCollator:
-    """examples (list of {"input_ids": list[int] | 1-D tensor}, all of length L) -> batch dict:
+    """examples (list of {"input_ids": list[int] | 1-D tensor, optional "first_document": int}, all of length
+    L) -> batch dict:
 
     input_ids (B, L) long; context_idx (B, K, Nc) long and target_idx (B, K, Nt) long, each sorted
-    ascending per row; context and targets disjoint unless config.allow_overlap.
+    ascending per row; context and targets disjoint unless config.allow_overlap; and the views' tensors
+    (module doc).
     """
 
     def __init__(self, config=None, seed=0):
@@ -314,6 +319,10 @@ class SpanMaskCollator:
             segments, positions = document_segments(input_ids.numpy(), self.config.separator_token_id,
                                                     halves=self.config.views == "document_halves")
             extra.update(segment_ids=torch.from_numpy(segments), position_ids=torch.from_numpy(positions))
+            if "first_document" in examples[0]:  # piece d of a row is from document first_document + d
+                pieces = segments // 2 if self.config.views == "document_halves" else segments
+                first = np.asarray([int(ex["first_document"]) for ex in examples], dtype=np.int64)
+                extra["document_ids"] = torch.from_numpy(first[:, None] + pieces)
         context_idx, target_idx = sample_masks(self.config, self._generator(), input_ids.shape[0],
                                                input_ids.shape[1], input_ids.numpy())
         return {

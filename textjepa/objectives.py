@@ -38,7 +38,7 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
     LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t", "pooled_reg_view",
-                                   "pooled_reg_bank")),
+                                   "pooled_reg_bank", "pooled_reg_skip_same_document")),
 )
 LOSS_TERM_NAMES = tuple(term.name for term in LOSS_TERMS)
 
@@ -123,15 +123,23 @@ def vicreg_regularizer(embeddings):
     return variance + off_diagonal.pow(2).sum() / x.shape[1]
 
 
-def uniformity_loss(embeddings, t=2.0, bank=None):
+def uniformity_loss(embeddings, t=2.0, bank=None, documents=None, bank_documents=None):
     """Wang & Isola's uniformity of a batch (N, H) on the unit sphere: log of the mean Gaussian potential
     exp(-t ||u - v||^2) over all pairs (lower = spread out). The spreading half of what in-batch negatives
     give SimCSE, without any pair being declared a negative. bank (Q, H), unit vectors held fixed (no
-    gradient): its N * Q pairs with the batch join the mean, so each vector is also pushed from them."""
+    gradient): its N * Q pairs with the batch join the mean, so each vector is also pushed from them.
+    documents (N,) and bank_documents (Q,), long: when given, a pair of two vectors of one document is left
+    out of the mean (two pieces of a long document, or the same document met again)."""
     unit = F.normalize(embeddings.float(), dim=-1)
-    squared = torch.pdist(unit).pow(2)  # (N (N - 1) / 2,) squared distances within the batch
+    squared = torch.pdist(unit).pow(2)  # (N (N - 1) / 2,) squared distances within the batch, pairs i < j
+    if documents is not None:
+        first, second = torch.triu_indices(len(unit), len(unit), 1, device=unit.device)  # pdist's order
+        squared = squared[documents[first] != documents[second]]
     if bank is not None and len(bank):  # + (N * Q,) to the bank
-        squared = torch.cat([squared, (2 - 2 * unit @ bank.float().T).clamp_min(0).flatten()])
+        to_bank = (2 - 2 * unit @ bank.float().T).clamp_min(0)  # (N, Q)
+        if documents is not None:
+            to_bank = to_bank[documents[:, None] != bank_documents[None, :]]  # row-major, as flatten
+        squared = torch.cat([squared, to_bank.flatten()])
     if not len(squared):
         return unit.sum() * 0.0
     return squared.mul(-t).exp().mean().log()
@@ -306,11 +314,12 @@ def teacher_cross_view_loss(head, student, sentence_targets, teacher_has, same_d
     return cosine_distance(head(student.pooled)[pair_valid], partner_targets[pair_valid])
 
 
-def pooled_regularizer(vectors, config, bank=None):
+def pooled_regularizer(vectors, config, bank=None, documents=None, bank_documents=None):
     """config.pooled_reg on pooled vectors (M, H): the VICReg hinge + covariance, SIGReg's normality test, or
-    the uniformity potential (also against bank (Q, H), when given)."""
+    the uniformity potential (also against bank (Q, H), when given; without the pairs of one document when
+    documents (M,) and bank_documents (Q,) are given)."""
     if config.pooled_reg == "vicreg":
         return vicreg_regularizer(vectors)
     if config.pooled_reg == "uniformity":
-        return uniformity_loss(vectors, config.uniformity_t, bank)
+        return uniformity_loss(vectors, config.uniformity_t, bank, documents, bank_documents)
     return sigreg_statistic(vectors, config.sigreg_num_slices)

@@ -295,6 +295,8 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             # how many were ever queued (slot = count % Q); buffers, so checkpoints carry the queue
             self.register_buffer("pooled_bank", torch.zeros(config.pooled_reg_bank, hidden))
             self.register_buffer("pooled_bank_seen", torch.zeros((), dtype=torch.long))
+            # (Q,) which document each queued vector is from (-1: not known), for pooled_reg_skip_same_document
+            self.register_buffer("pooled_bank_documents", torch.full((config.pooled_reg_bank,), -1, dtype=torch.long))
         self.post_init()
         with torch.no_grad():  # residual pooled heads start as the identity (weights loaded later replace this)
             for head in (self.sentence_predictor, self.view_predictor):
@@ -313,13 +315,15 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids, context_idx, target_idx, attention_mask=None, segment_ids=None,
-                position_ids=None, same_document=None, return_dict=None, **kwargs):
+                position_ids=None, same_document=None, document_ids=None, return_dict=None, **kwargs):
         # input_ids (B, L); context_idx (B, K, Nc); target_idx (B, K, Nt). From the collator's views:
         #   segment_ids, position_ids (B, L) (masking.views="document_halves"): S segments per row, each
         #     read as a text of its own (attention within it, positions from 0); segments 2d and 2d+1 are
         #     the two halves of one document piece, partners for the cross-view target;
         #   same_document (B,) bool (masking.num_views): rows 2i and 2i+1 are neighbouring segments of one
-        #     block and partners when they come from one document.
+        #     block and partners when they come from one document;
+        #   document_ids (B, L) (masking.views, on blocks packed with their first_document): which document
+        #     each token is from; pooled_reg_skip_same_document leaves pairs of one document out of the potential.
         # Steps: 1. the teacher reads the whole sequence, 2. the student reads the visible tokens, 3.-5. the
         # loss terms compare the two, and the loss is their weighted sum (in the order they are computed).
         if context_idx.dim() == 2:  # one mask per sequence
@@ -374,21 +378,38 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
                 guarded = full[teacher_has]
             else:
                 guarded = student.pooled[student.has]  # (M, H)
-            bank = None
+            segment_documents = documents = bank = bank_documents = None
+            if document_ids is not None:  # (B, S) the document of each segment (all its tokens share one)
+                segment_documents = torch.full((batch, num_segments), -1, dtype=torch.long, device=input_ids.device)
+                segment_documents.scatter_(1, segments, document_ids.long())
+            if self.config.pooled_reg_skip_same_document:  # the document of each guarded vector (M,)
+                if segment_documents is None:
+                    raise ValueError("model.pooled_reg_skip_same_document needs the batch's document_ids: mask.views "
+                                     "'documents' or 'document_halves', on blocks packed with 'first_document'")
+                if self.config.pooled_reg_view == "full":
+                    documents = segment_documents[teacher_has]
+                else:
+                    documents = segment_documents.repeat_interleave(student.num_masks, dim=0)[student.has]
             if self.config.pooled_reg_bank:  # a copy: the queue changes in place before backward reads it
-                bank = self.pooled_bank[: min(int(self.pooled_bank_seen), len(self.pooled_bank))].clone()
+                filled = min(int(self.pooled_bank_seen), len(self.pooled_bank))
+                bank, bank_documents = self.pooled_bank[:filled].clone(), self.pooled_bank_documents[:filled].clone()
                 if self.training:  # this batch's documents join the queue for the next steps
-                    self._enqueue_bank(sentence_targets[teacher_has])
-            terms["pooled_reg"] = pooled_regularizer(guarded, self.config, bank)
+                    self._enqueue_bank(sentence_targets[teacher_has],
+                                       None if segment_documents is None else segment_documents[teacher_has])
+            # (validation blocks number their documents from 0, as the training blocks do: in evaluation a vector
+            # may skip a queued one of another document with the same number; rare, and only in the figure)
+            terms["pooled_reg"] = pooled_regularizer(guarded, self.config, bank, documents, bank_documents)
         return self._weighted_output(terms, predictions, targets, projections, student)
 
     @torch.no_grad()
-    def _enqueue_bank(self, vectors):
-        """vectors (D, H), the teacher's pooled segments of this batch, overwrite the queue's oldest slots."""
+    def _enqueue_bank(self, vectors, documents=None):
+        """vectors (D, H), the teacher's pooled segments of this batch, and their documents (D,) (None: not
+        known), overwrite the queue's oldest slots."""
         size = len(self.pooled_bank)
         unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
         slots = (torch.arange(len(unit), device=unit.device) + self.pooled_bank_seen) % size  # no host sync
         self.pooled_bank[slots] = unit.to(self.pooled_bank.dtype)
+        self.pooled_bank_documents[slots] = -1 if documents is None else documents[-size:]
         self.pooled_bank_seen += len(unit)
 
     def _parts_in_use(self, segment_ids, same_document):

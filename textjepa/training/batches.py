@@ -89,6 +89,9 @@ def _start_tokenizer(recipe):
     return tokenizer
 
 
+BLOCK_COLUMNS = ("input_ids", "first_document")  # what a micro-batch reads of each packed block
+
+
 def load_blocks(recipe, tokenizer, output_dir: Path):
     """(train, valid) datasets of block_size ids, numpy-formatted; valid may be None. With
     data.streaming, IterableDatasets that read, tokenize and pack the source as they are iterated."""
@@ -123,8 +126,10 @@ def load_blocks(recipe, tokenizer, output_dir: Path):
         if length != data.block_size:
             raise ValueError(f"{name} blocks hold {length} tokens but data.block_size is {data.block_size} "
                              f"(data.packed_path={data.packed_path})")
-    train = train.select_columns(["input_ids"]).with_format("numpy")
-    valid = valid.select_columns(["input_ids"]).with_format("numpy") if valid is not None else None
+    # first_document (textjepa's packer writes it; a data.packed_path of other making may lack it): the views'
+    # document_ids, for model.pooled_reg_skip_same_document
+    train, valid = (None if ds is None else ds.select_columns([c for c in BLOCK_COLUMNS if c in ds.column_names])
+                    .with_format("numpy") for ds in (train, valid))
     return train, valid
 
 
@@ -144,23 +149,27 @@ def probe_blocks(train, valid, size: int) -> torch.Tensor:
 
 
 class JepaBatchMaker:
-    """(b, L) ids + per-block seeds -> {input_ids, context_idx, target_idx} from SpanMaskCollator."""
+    """(b, L) ids + per-block seeds (+ first documents (b,), when the blocks carry them) -> {input_ids,
+    context_idx, target_idx, and the views' tensors} from SpanMaskCollator."""
 
     def __init__(self, masking_config):
         from textjepa.masking import SpanMaskCollator
 
         self.collator = SpanMaskCollator(masking_config)
 
-    def __call__(self, ids: np.ndarray, seeds: list[tuple]) -> dict:
+    def __call__(self, ids: np.ndarray, seeds: list[tuple], first_documents: np.ndarray | None = None) -> dict:
         # In a DataLoader worker the collator would reseed itself per worker on its first call (its own
         # stream for plain use), overriding the first block's seed: mark this worker as seen, so masks
         # never depend on data.num_workers.
         info = torch.utils.data.get_worker_info()
         self.collator._worker_key = None if info is None else (info.id, info.seed)
         parts = []
-        for row, seed in zip(ids, seeds):
+        for i, (row, seed) in enumerate(zip(ids, seeds)):
             self.collator.rng = np.random.default_rng(seed)  # this block's own mask stream
-            parts.append(self.collator([{"input_ids": row.astype(np.int64)}]))
+            example = {"input_ids": row.astype(np.int64)}
+            if first_documents is not None:
+                example["first_document"] = first_documents[i]
+            parts.append(self.collator([example]))
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
 
 
@@ -173,7 +182,7 @@ class MlmBatchMaker:
         self.collator = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability,
                                                         seed=0, return_tensors="pt")
 
-    def __call__(self, ids: np.ndarray, seeds: list[tuple]) -> dict:
+    def __call__(self, ids: np.ndarray, seeds: list[tuple], first_documents=None) -> dict:  # (documents unused)
         parts = []
         for row, seed in zip(ids, seeds):
             generator = torch.Generator().manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
@@ -215,9 +224,14 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         epoch, indices = self.block_indices(int(i))
-        ids = np.asarray(self.blocks[indices]["input_ids"])
+        blocks = self.blocks[indices]
         seeds = [(self.seed, epoch, int(k)) for k in indices]
-        return self.make_batch(ids, seeds)
+        return self.make_batch(np.asarray(blocks["input_ids"]), seeds, _first_documents(blocks))
+
+
+def _first_documents(blocks: dict) -> np.ndarray | None:
+    """(b,) the packer's first_document of each block, None when the blocks do not carry it."""
+    return np.asarray(blocks["first_document"]) if "first_document" in blocks else None
 
 
 STREAM_NEXT = "stream_next"  # micro-batch key: (epoch, first step of that epoch) the stream goes on at
@@ -270,7 +284,8 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
         return part
 
     def epoch_steps(self, epoch: int):
-        """(global_batch blocks, whether they are the epoch's last whole step) for each step of `epoch`."""
+        """({column: global_batch blocks' values}, whether they are the epoch's last whole step) for each step
+        of `epoch`."""
         blocks = self.blocks
         if self.shuffle_buffer > 1:
             blocks = blocks.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
@@ -278,7 +293,7 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
         for batch in blocks.iter(batch_size=self.global_batch, drop_last_batch=True):
             if previous is not None:
                 yield previous, False
-            previous = np.asarray(batch["input_ids"])
+            previous = batch
         if previous is not None:
             yield previous, True
 
@@ -311,7 +326,10 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
                     continue
                 start = j * self.global_micro + self.rank * self.batch_size
                 seeds = [(self.seed, epoch, position + start + r) for r in range(self.batch_size)]
-                batch = self.make_batch(blocks[start:start + self.batch_size], seeds)
+                rows = slice(start, start + self.batch_size)
+                documents = _first_documents(blocks)
+                batch = self.make_batch(np.asarray(blocks["input_ids"][rows]), seeds,
+                                        None if documents is None else documents[rows])
                 batch[STREAM_NEXT] = torch.tensor(after)
                 yield batch
 
