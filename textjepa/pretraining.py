@@ -379,13 +379,13 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             else:
                 guarded = student.pooled[student.has]  # (M, H)
             segment_documents = documents = bank = bank_documents = None
-            if document_ids is not None:  # (B, S) the document of each segment (all its tokens share one)
-                segment_documents = torch.full((batch, num_segments), -1, dtype=torch.long, device=input_ids.device)
-                segment_documents.scatter_(1, segments, document_ids.long())
             if self.config.pooled_reg_skip_same_document:  # the document of each guarded vector (M,)
-                if segment_documents is None:
+                if document_ids is None:
                     raise ValueError("model.pooled_reg_skip_same_document needs the batch's document_ids: mask.views "
                                      "'documents' or 'document_halves', on blocks packed with 'first_document'")
+                # (B, S) the document of each segment (all its tokens share one)
+                segment_documents = torch.full((batch, num_segments), -1, dtype=torch.long, device=input_ids.device)
+                segment_documents.scatter_(1, segments, document_ids.long())
                 if self.config.pooled_reg_view == "full":
                     documents = segment_documents[teacher_has]
                 else:

@@ -284,8 +284,8 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
         return part
 
     def epoch_steps(self, epoch: int):
-        """({column: global_batch blocks' values}, whether they are the epoch's last whole step) for each step
-        of `epoch`."""
+        """((global_batch blocks' ids, their first documents or None), whether they are the epoch's last whole
+        step) for each step of `epoch`."""
         blocks = self.blocks
         if self.shuffle_buffer > 1:
             blocks = blocks.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
@@ -293,13 +293,13 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
         for batch in blocks.iter(batch_size=self.global_batch, drop_last_batch=True):
             if previous is not None:
                 yield previous, False
-            previous = batch
+            previous = np.asarray(batch["input_ids"]), _first_documents(batch)
         if previous is not None:
             yield previous, True
 
     def steps(self):
-        """(epoch, position of the step's first block in the epoch, its blocks, where the stream goes on
-        after it) for the steps first..last-1."""
+        """(epoch, position of the step's first block in the epoch, its blocks (ids, first documents), where
+        the stream goes on after it) for the steps first..last-1."""
         epoch, epoch_start = self.epoch, self.epoch_start
         while True:
             step = epoch_start
@@ -327,9 +327,8 @@ class StreamedMicroBatches(torch.utils.data.IterableDataset):
                 start = j * self.global_micro + self.rank * self.batch_size
                 seeds = [(self.seed, epoch, position + start + r) for r in range(self.batch_size)]
                 rows = slice(start, start + self.batch_size)
-                documents = _first_documents(blocks)
-                batch = self.make_batch(np.asarray(blocks["input_ids"][rows]), seeds,
-                                        None if documents is None else documents[rows])
+                ids, documents = blocks
+                batch = self.make_batch(ids[rows], seeds, None if documents is None else documents[rows])
                 batch[STREAM_NEXT] = torch.tensor(after)
                 yield batch
 
