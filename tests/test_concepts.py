@@ -371,6 +371,34 @@ def test_bank_pushes_each_student_vector_from_the_teachers_documents_of_earlier_
         TextJepaConfig(**tiny_config_kwargs(pooled_reg_bank=-1, **kwargs))
 
 
+def test_a_student_bank_queues_the_guarded_student_vectors_and_moves_with_them():
+    # pooled_reg_bank_source="student": the queue holds the student's own guarded vectors of earlier batches
+    # (detached), not the teacher's, so moving every vector away from fixed ones cannot lower the potential
+    kwargs = dict(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity", pooled_reg="uniformity",
+                  pooled_reg_weight=0.2, uniformity_t=10.0, pooled_reg_bank=6, pooled_reg_bank_source="student")
+    batch = two_document_rows()  # 4 documents
+    model = make_model(**kwargs)
+    model(**batch)
+    student, teacher = student_and_teacher_pooled(model, batch)
+    queued = torch.nn.functional.normalize(student.pooled[student.has].detach(), dim=-1)
+    assert int(model.pooled_bank_seen) == len(queued) == 4
+    torch.testing.assert_close(model.pooled_bank[:4], queued)
+    assert not torch.allclose(queued, torch.nn.functional.normalize(teacher.reshape(4, -1), dim=-1))
+    second = model(**batch)
+    torch.testing.assert_close(second.loss_terms["pooled_reg"], uniformity_loss(student.pooled[student.has], 10.0,
+                                                                                 queued))
+    second.loss.backward()
+    assert model.textjepa.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    # the student's own queue needs no teacher target; the teacher's does
+    alone = make_model(**{**kwargs, "sentence_loss_weight": 0.0, "token_loss_weight": 1.0})
+    assert torch.isfinite(alone(**batch).loss) and int(alone.pooled_bank_seen) == 4
+    with pytest.raises(Exception, match="pooled_reg_bank: a bank of the teacher's sentence vectors needs"):
+        TextJepaConfig(**tiny_config_kwargs(**{**kwargs, "sentence_loss_weight": 0.0,
+                                               "pooled_reg_bank_source": "teacher"}))
+    with pytest.raises(Exception, match="pooled_reg_bank_source"):
+        TextJepaConfig(**tiny_config_kwargs(**{**kwargs, "pooled_reg_bank_source": "both"}))
+
+
 def test_pieces_of_one_document_are_not_pushed_apart():
     # pooled_reg_skip_same_document: a document longer than a block is cut into pieces in neighbouring blocks;
     # the uniformity potential leaves out the pairs of one document, in the batch and against the queue

@@ -158,6 +158,10 @@ class TextJepaConfig(PreTrainedConfig):
             persistent buffer, so checkpoints resume it; MoCo's queue). With a frozen teacher these are the
             start's own embeddings of other documents: more, and harder, neighbours than one batch holds.
             0 (default) = the batch alone. Under DDP every process keeps its own queue.
+            pooled_reg_bank_source: what the queue holds: "teacher" (default), the teacher's pooled segments as
+            above; "student", the guarded student vectors themselves, detached (a memory bank, Wu et al. 2018):
+            the queue then moves with the student, so the potential cannot be lowered by moving every vector
+            away from fixed ones, only by spreading the student's own vectors apart.
             pooled_reg_skip_same_document: with "uniformity", leave out the pairs of two pieces of one document
             (a document longer than a block is cut into pieces in neighbouring blocks, which can meet in a
             batch or in the queue): they are not two texts to spread apart, and under a sharp potential the
@@ -224,6 +228,7 @@ class TextJepaConfig(PreTrainedConfig):
     uniformity_t: float = 2.0
     pooled_reg_view: Literal["context", "full"] = "context"
     pooled_reg_bank: int = 0
+    pooled_reg_bank_source: Literal["teacher", "student"] = "teacher"
     pooled_reg_skip_same_document: bool = False
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
@@ -266,10 +271,12 @@ class TextJepaConfig(PreTrainedConfig):
         if self.pooled_reg_view == "full" and self.cross_view_target == "student" and self.cross_view_loss_weight > 0:
             raise SettingError("TextJepaConfig", "pooled_reg_view", "'full' has no effect with {cross_view_target}="
                                "'student' (the guard reads that term's projections); use 'context'")
-        if self.pooled_reg_bank and (self.pooled_reg != "uniformity" or self.sentence_loss_weight == 0):
-            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank holds the teacher's sentence vectors "
-                               "for the uniformity potential: it needs {pooled_reg}='uniformity' and "
-                               "{sentence_loss_weight} > 0")
+        if self.pooled_reg_bank and self.pooled_reg != "uniformity":
+            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank holds vectors for the uniformity "
+                               f"potential: it needs {{pooled_reg}}='uniformity', got {self.pooled_reg!r}")
+        if self.pooled_reg_bank and self.pooled_reg_bank_source == "teacher" and self.sentence_loss_weight == 0:
+            raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank of the teacher's sentence vectors needs "
+                               "{sentence_loss_weight} > 0 (or {pooled_reg_bank_source}='student')")
         if self.pooled_reg_skip_same_document and self.pooled_reg != "uniformity":
             raise SettingError("TextJepaConfig", "pooled_reg_skip_same_document", "only the uniformity potential "
                                f"has pairs to leave out; {{pooled_reg}} is {self.pooled_reg!r}")

@@ -291,7 +291,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         # the student's states at its visible tokens (N, H) -> the teacher's targets at the same positions
         hidden = config.hidden_size
         self.context_predictor = nn.Linear(hidden, hidden) if config.context_loss_weight > 0 else None
-        if config.pooled_reg_bank:  # the teacher's sentence vectors of earlier batches (Q, H), unit length, and
+        if config.pooled_reg_bank:  # the teacher's (or student's) pooled vectors of earlier batches (Q, H), unit, and
             # how many were ever queued (slot = count % Q); buffers, so checkpoints carry the queue
             self.register_buffer("pooled_bank", torch.zeros(config.pooled_reg_bank, hidden))
             self.register_buffer("pooled_bank_seen", torch.zeros((), dtype=torch.long))
@@ -393,7 +393,9 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             if self.config.pooled_reg_bank:  # a copy: the queue changes in place before backward reads it
                 filled = min(int(self.pooled_bank_seen), len(self.pooled_bank))
                 bank, bank_documents = self.pooled_bank[:filled].clone(), self.pooled_bank_documents[:filled].clone()
-                if self.training:  # this batch's documents join the queue for the next steps
+                if self.training and self.config.pooled_reg_bank_source == "student":  # the guarded vectors
+                    self._enqueue_bank(guarded.detach(), documents)
+                elif self.training:  # the teacher's read of this batch's documents joins the queue
                     self._enqueue_bank(sentence_targets[teacher_has],
                                        None if segment_documents is None else segment_documents[teacher_has])
             # (validation blocks number their documents from 0, as the training blocks do: in evaluation a vector
@@ -403,8 +405,8 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
 
     @torch.no_grad()
     def _enqueue_bank(self, vectors, documents=None):
-        """vectors (D, H), the teacher's pooled segments of this batch, and their documents (D,) (None: not
-        known), overwrite the queue's oldest slots."""
+        """vectors (D, H), the teacher's pooled segments of this batch (or the guarded student vectors), and
+        their documents (D,) (None: not known), overwrite the queue's oldest slots."""
         size = len(self.pooled_bank)
         unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
         slots = (torch.arange(len(unit), device=unit.device) + self.pooled_bank_seen) % size  # no host sync
