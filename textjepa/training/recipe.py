@@ -86,6 +86,7 @@ class ModelSection:
     uniformity_t: Optional[float] = None
     pooled_reg_view: Optional[Literal["context", "full"]] = None
     pooled_reg_bank: Optional[int] = None
+    pooled_reg_bank_source: Optional[Literal["teacher", "student"]] = None
     pooled_reg_skip_same_document: Optional[bool] = None
     pooled_head: Optional[Literal["mlp", "residual", "identity"]] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
