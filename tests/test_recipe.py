@@ -58,6 +58,14 @@ def test_config_sections_mirror_their_configs(section, config, prefix, recipe_on
             assert (hints[key.name], key.default) == (spec.type, spec.default), key.name
 
 
+def test_every_field_that_shapes_a_loss_term_is_a_recipe_key():
+    """What LOSS_TERMS says shapes a term (and each term's weight) can be set with --set model.KEY."""
+    from textjepa.objectives import LOSS_TERMS
+    keys = {key.name for key in dataclasses.fields(ModelSection)}
+    shaping = {f"{term.name}_weight" for term in LOSS_TERMS} | {name for term in LOSS_TERMS for name in term.shaped_by}
+    assert shaping - keys == set()  # e.g. a new config field added to LOSS_TERMS but not to ModelSection
+
+
 @pytest.mark.parametrize("text, expected", [
     ("optim:\n  lr: abc\n", "recipe.yaml: optim.lr: expected float, got 'abc'"),
     ("optim:\n  lrr: 0.1\n", "recipe.yaml: optim: unknown key 'lrr' (did you mean 'lr'?)"),
