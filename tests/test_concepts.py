@@ -1,6 +1,8 @@
 """Concept-level targets: span concepts, two views per block with the cross-view target, and the
 pooled-space guards (VICReg, SIGReg). Shapes, known answers, gradients, determinism."""
 
+import math
+
 import pytest
 import torch
 from conftest import tiny_config_kwargs
@@ -397,6 +399,37 @@ def test_a_student_bank_queues_the_guarded_student_vectors_and_moves_with_them()
                                                "pooled_reg_bank_source": "teacher"}))
     with pytest.raises(Exception, match="pooled_reg_bank_source"):
         TextJepaConfig(**tiny_config_kwargs(**{**kwargs, "pooled_reg_bank_source": "both"}))
+
+
+def test_the_guard_backs_off_while_the_student_drifts_past_the_budget():
+    # pooled_reg_drift_budget: after each training step the guard's weight scale becomes
+    # min(1, scale * exp(budget - sentence_loss)); the loss uses the scale from before the step
+    kwargs = dict(token_loss_weight=0.0, sentence_loss_weight=1.0, pooled_head="identity", pooled_reg="uniformity",
+                  pooled_reg_weight=0.2, uniformity_t=10.0)
+    batch = two_document_rows()
+    plain = make_model(**kwargs)
+    model = make_model(pooled_reg_drift_budget=1e-4, **kwargs)  # every sentence loss is over it
+    first, reference = model(**batch), plain(**batch)
+    assert torch.equal(first.loss, reference.loss) and float(first.pooled_reg_scale) == 1.0
+    over = float(first.loss_terms["sentence_loss"]) - 1e-4
+    assert over > 0
+    torch.testing.assert_close(model.pooled_reg_scale, torch.tensor(math.exp(-over)))
+    second = model(**batch)
+    terms = second.loss_terms
+    torch.testing.assert_close(second.loss, terms["sentence_loss"] + 0.2 * math.exp(-over) * terms["pooled_reg"])
+    second.loss.backward()
+    model.eval()
+    scale = model.pooled_reg_scale.clone()
+    model(**batch)  # evaluation leaves the scale alone
+    assert torch.equal(model.pooled_reg_scale, scale) and "pooled_reg_scale" in model.state_dict()
+    roomy = make_model(pooled_reg_drift_budget=5.0, **kwargs)  # never over: the scale stays 1, the loss the plain one
+    for _ in range(2):
+        assert torch.equal(roomy(**batch).loss, plain(**batch).loss)
+    assert float(roomy.pooled_reg_scale) == 1.0
+    with pytest.raises(Exception, match="pooled_reg_drift_budget: the budget backs the guard off"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_drift_budget=0.3))
+    with pytest.raises(Exception, match="pooled_reg_drift_budget: expected a number >= 0"):
+        TextJepaConfig(**tiny_config_kwargs(pooled_reg_drift_budget=-0.1, **kwargs))
 
 
 def test_pieces_of_one_document_are_not_pushed_apart():

@@ -79,7 +79,7 @@ RANGES = {
     "variance_reg_weight": NON_NEGATIVE, "sentence_loss_weight": NON_NEGATIVE, "token_loss_weight": NON_NEGATIVE,
     "span_loss_weight": NON_NEGATIVE, "cross_view_loss_weight": NON_NEGATIVE, "bottleneck_loss_weight": NON_NEGATIVE,
     "context_loss_weight": NON_NEGATIVE, "pooled_reg_weight": NON_NEGATIVE, "sigreg_num_slices": AT_LEAST_ONE,
-    "uniformity_t": POSITIVE, "pooled_reg_bank": NON_NEGATIVE,
+    "uniformity_t": POSITIVE, "pooled_reg_bank": NON_NEGATIVE, "pooled_reg_drift_budget": NON_NEGATIVE,
     "sentence_temperature": POSITIVE,
     "ema_momentum_start": UNIT_CLOSED, "ema_momentum_end": UNIT_CLOSED,
 }
@@ -167,6 +167,12 @@ class TextJepaConfig(PreTrainedConfig):
             batch or in the queue): they are not two texts to spread apart, and under a sharp potential the
             nearest pair, the one that weighs most, is often such a pair. Needs the collator's document_ids
             (mask.views "documents" or "document_halves" on blocks packed with their "first_document").
+            pooled_reg_drift_budget: how far the student may drift from its sentence targets before the guard
+            backs off: after each training step the guard's weight is scaled by min(1, scale * exp(budget -
+            sentence_loss)), so while the sentence loss (1 - cos to the teacher's, e.g. the frozen start's,
+            embedding) stays under the budget the guard keeps its full weight, and while it is over, the
+            weight shrinks step by step until the anchor wins again (a persistent buffer, pooled_reg_scale,
+            carried by checkpoints and logged). 0 (default) = off: the guard's weight is fixed.
     EMA teacher (a record of the run's recipe; the training loop computes each step's momentum with
     textjepa.training.schedules.ema_momentum and passes it to update_teacher):
         ema_momentum_start -> ema_momentum_end following ema_schedule ("cosine", "linear", "constant",
@@ -230,6 +236,7 @@ class TextJepaConfig(PreTrainedConfig):
     pooled_reg_bank: int = 0
     pooled_reg_bank_source: Literal["teacher", "student"] = "teacher"
     pooled_reg_skip_same_document: bool = False
+    pooled_reg_drift_budget: float = 0.0
     pooled_head: Literal["mlp", "residual", "identity"] = "mlp"
     # EMA teacher
     ema_momentum_start: float = 0.996
@@ -277,6 +284,9 @@ class TextJepaConfig(PreTrainedConfig):
         if self.pooled_reg_bank and self.pooled_reg_bank_source == "teacher" and self.sentence_loss_weight == 0:
             raise SettingError("TextJepaConfig", "pooled_reg_bank", "a bank of the teacher's sentence vectors needs "
                                "{sentence_loss_weight} > 0 (or {pooled_reg_bank_source}='student')")
+        if self.pooled_reg_drift_budget and (self.pooled_reg == "none" or self.sentence_loss_weight == 0):
+            raise SettingError("TextJepaConfig", "pooled_reg_drift_budget", "the budget backs the guard off when "
+                               "the sentence loss exceeds it: it needs {pooled_reg} and {sentence_loss_weight} > 0")
         if self.pooled_reg_skip_same_document and self.pooled_reg != "uniformity":
             raise SettingError("TextJepaConfig", "pooled_reg_skip_same_document", "only the uniformity potential "
                                f"has pairs to leave out; {{pooled_reg}} is {self.pooled_reg!r}")

@@ -38,7 +38,8 @@ LOSS_TERMS = (  # in the order TextJepaForPreTraining sums them
     LossTerm("sentence_loss", ("pooled_head", "sentence_loss_type", "sentence_temperature")),
     LossTerm("cross_view_loss", ("cross_view_target", "pooled_head")),
     LossTerm("pooled_reg", ("pooled_reg", "sigreg_num_slices", "uniformity_t", "pooled_reg_view",
-                                   "pooled_reg_bank", "pooled_reg_bank_source", "pooled_reg_skip_same_document")),
+                                   "pooled_reg_bank", "pooled_reg_bank_source", "pooled_reg_skip_same_document",
+                                   "pooled_reg_drift_budget")),
 )
 LOSS_TERM_NAMES = tuple(term.name for term in LOSS_TERMS)
 

@@ -132,6 +132,7 @@ class TextJepaForPreTrainingOutput(ModelOutput):
     token_loss: torch.Tensor | None = None
     sentence_loss: torch.Tensor | None = None
     loss_terms: dict | None = None
+    pooled_reg_scale: torch.Tensor | None = None
 
 
 class EmaTeacher:
@@ -297,6 +298,8 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             self.register_buffer("pooled_bank_seen", torch.zeros((), dtype=torch.long))
             # (Q,) which document each queued vector is from (-1: not known), for pooled_reg_skip_same_document
             self.register_buffer("pooled_bank_documents", torch.full((config.pooled_reg_bank,), -1, dtype=torch.long))
+        if config.pooled_reg_drift_budget:  # () the guard's weight scale, 1 until the student drifts past the budget
+            self.register_buffer("pooled_reg_scale", torch.ones(()))
         self.post_init()
         with torch.no_grad():  # residual pooled heads start as the identity (weights loaded later replace this)
             for head in (self.sentence_predictor, self.view_predictor):
@@ -480,8 +483,17 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
                              "sentence_loss_weight, cross_view_loss_weight, bottleneck_loss_weight or "
                              "context_loss_weight > 0)")
         reference = predictions if predictions is not None else student.pooled[student.has]
+        weights = {name: getattr(self.config, f"{name}_weight") for name in terms}
+        scale = None
+        if self.config.pooled_reg_drift_budget and "pooled_reg" in terms:
+            scale = self.pooled_reg_scale.clone()  # this step's; the buffer changes in place below
+            weights["pooled_reg"] = weights["pooled_reg"] * scale
+            if self.training:  # past the budget the guard's weight shrinks by exp(budget - loss) per step; under it,
+                # it grows back the same way, up to 1 (no host sync: all on the device)
+                drift = self.config.pooled_reg_drift_budget - terms["sentence_loss"].detach().float()
+                self.pooled_reg_scale.mul_(drift.exp()).clamp_(max=1.0)
         return TextJepaForPreTrainingOutput(
-            loss=sum(getattr(self.config, f"{name}_weight") * value for name, value in terms.items()),
+            loss=sum(weights[name] * value for name, value in terms.items()),
             predictions=predictions,
             targets=targets,
             target_std=per_dimension_std(targets if targets is not None else projections),
@@ -489,6 +501,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             token_loss=terms["token_loss"].detach() if "token_loss" in terms else None,
             sentence_loss=terms["sentence_loss"].detach() if "sentence_loss" in terms else None,
             loss_terms={name: value.detach() for name, value in terms.items()},
+            pooled_reg_scale=scale,
         )
 
     def compute_loss(self, predictions, targets):

@@ -438,6 +438,8 @@ def _optimizer_step(accelerator, model, optimizer, batches, recipe, step: int):
         figures = {"loss": out.loss}
         if recipe.objective == "jepa":
             figures.update(target_std=out.target_std, prediction_std=out.prediction_std, **out.loss_terms)
+            if out.pooled_reg_scale is not None:  # model.pooled_reg_drift_budget's scale on the guard
+                figures["pooled_reg_scale"] = out.pooled_reg_scale
         for name, value in figures.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
     if not accelerator.sync_gradients:  # accumulate() must have synced on the last micro-batch

@@ -88,6 +88,7 @@ class ModelSection:
     pooled_reg_bank: Optional[int] = None
     pooled_reg_bank_source: Optional[Literal["teacher", "student"]] = None
     pooled_reg_skip_same_document: Optional[bool] = None
+    pooled_reg_drift_budget: Optional[float] = None
     pooled_head: Optional[Literal["mlp", "residual", "identity"]] = None
     classifier_pooling: Optional[Literal["mean", "cls"]] = None
     # recipe-only keys
