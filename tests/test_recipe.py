@@ -10,6 +10,7 @@ import torch
 
 from textjepa import TextJepaConfig
 from textjepa.masking import MaskingConfig
+from textjepa.objectives import LOSS_TERMS
 from textjepa.training import checkpoint as ckpt
 from textjepa.training import schedules
 from textjepa.training.diagnostics import check_guards, effective_rank
@@ -60,7 +61,6 @@ def test_config_sections_mirror_their_configs(section, config, prefix, recipe_on
 
 def test_every_field_that_shapes_a_loss_term_is_a_recipe_key():
     """What LOSS_TERMS says shapes a term (and each term's weight) can be set with --set model.KEY."""
-    from textjepa.objectives import LOSS_TERMS
     keys = {key.name for key in dataclasses.fields(ModelSection)}
     shaping = {f"{term.name}_weight" for term in LOSS_TERMS} | {name for term in LOSS_TERMS for name in term.shaped_by}
     assert shaping - keys == set()  # e.g. a new config field added to LOSS_TERMS but not to ModelSection

@@ -371,6 +371,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
                                                                teacher_has, same_document)
         # 5. optional guard on the geometry of the pooled student vectors (the segments it saw), or of
         #    their projections in the teacher-free cross-view term
+        scale = None  # model.pooled_reg_drift_budget's scale on the guard's weight, this step's
         if self.config.pooled_reg != "none" and self.config.pooled_reg_weight > 0:
             if projections is not None:
                 guarded = projections
@@ -404,7 +405,13 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             # (validation blocks number their documents from 0, as the training blocks do: in evaluation a vector
             # may skip a queued one of another document with the same number; rare, and only in the figure)
             terms["pooled_reg"] = pooled_regularizer(guarded, self.config, bank, documents, bank_documents)
-        return self._weighted_output(terms, predictions, targets, projections, student)
+            if self.config.pooled_reg_drift_budget:
+                scale = self.pooled_reg_scale.clone()  # a copy: the buffer changes in place before backward reads it
+                if self.training:  # past the budget the weight shrinks by exp(budget - loss) per step; under it,
+                    # it grows back the same way, up to 1 (no host sync: all on the device)
+                    drift = self.config.pooled_reg_drift_budget - terms["sentence_loss"].detach().float()
+                    self.pooled_reg_scale.mul_(drift.exp()).clamp_(max=1.0)
+        return self._weighted_output(terms, predictions, targets, projections, student, scale)
 
     @torch.no_grad()
     def _enqueue_bank(self, vectors, documents=None):
@@ -476,22 +483,17 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         return StudentView(states, context_mask, context_positions, context_segments, target_idx, target_positions,
                             target_segments, pooled, counts > 0, num_masks, segmented)
 
-    def _weighted_output(self, terms, predictions, targets, projections, student):
-        """The loss: each term times its config.<name>_weight, summed in the order of `terms`."""
+    def _weighted_output(self, terms, predictions, targets, projections, student, pooled_reg_scale=None):
+        """The loss: each term times its config.<name>_weight (the guard's also times pooled_reg_scale, when
+        given), summed in the order of `terms`."""
         if not terms:
             raise ValueError("TextJepaForPreTraining: every loss term is off (set token_loss_weight, span_loss_weight, "
                              "sentence_loss_weight, cross_view_loss_weight, bottleneck_loss_weight or "
                              "context_loss_weight > 0)")
         reference = predictions if predictions is not None else student.pooled[student.has]
         weights = {name: getattr(self.config, f"{name}_weight") for name in terms}
-        scale = None
-        if self.config.pooled_reg_drift_budget and "pooled_reg" in terms:
-            scale = self.pooled_reg_scale.clone()  # this step's; the buffer changes in place below
-            weights["pooled_reg"] = weights["pooled_reg"] * scale
-            if self.training:  # past the budget the guard's weight shrinks by exp(budget - loss) per step; under it,
-                # it grows back the same way, up to 1 (no host sync: all on the device)
-                drift = self.config.pooled_reg_drift_budget - terms["sentence_loss"].detach().float()
-                self.pooled_reg_scale.mul_(drift.exp()).clamp_(max=1.0)
+        if pooled_reg_scale is not None:
+            weights["pooled_reg"] = weights["pooled_reg"] * pooled_reg_scale
         return TextJepaForPreTrainingOutput(
             loss=sum(weights[name] * value for name, value in terms.items()),
             predictions=predictions,
@@ -501,7 +503,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             token_loss=terms["token_loss"].detach() if "token_loss" in terms else None,
             sentence_loss=terms["sentence_loss"].detach() if "sentence_loss" in terms else None,
             loss_terms={name: value.detach() for name, value in terms.items()},
-            pooled_reg_scale=scale,
+            pooled_reg_scale=pooled_reg_scale,
         )
 
     def compute_loss(self, predictions, targets):
