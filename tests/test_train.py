@@ -428,16 +428,17 @@ train(recipe, model=model, announce=lambda *a: None)
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # group is gone by now
 teacher = {k: v.contiguous() for k, v in model.teacher_state_dict().items()}
 save_file(teacher, f"{recipe.train.output_dir}/teacher_rank{rank}_of{world}.safetensors")
+queue = {k: v.contiguous() for k, v in model.named_buffers() if k.startswith("pooled_")}  # queue, budget scale
+if queue:
+    save_file(queue, f"{recipe.train.output_dir}/pooled_rank{rank}_of{world}.safetensors")
 """
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
-    from safetensors.torch import load_file
-
+def run_two_processes(tiny_data, tmp_path, output_dir, **overrides):
+    """DDP_SCRIPT under torch.distributed.run, 2 CPU processes (gloo), on tiny_recipe with these overrides."""
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
-    recipe = tiny_recipe(tiny_data, tmp_path / "unused", **{"train.max_steps": 6})
+    recipe = tiny_recipe(tiny_data, tmp_path / "unused", **overrides)
     recipe.save(tmp_path / "tiny.yaml")
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -447,9 +448,16 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(script), str(tmp_path / "tiny.yaml"), f"train.output_dir={tmp_path / 'ddp'}", "train.batch_size=4"]
+           str(script), str(tmp_path / "tiny.yaml"), f"train.output_dir={output_dir}", "train.batch_size=4"]
     result = subprocess.run(two, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
+    from safetensors.torch import load_file
+
+    run_two_processes(tiny_data, tmp_path, tmp_path / "ddp", **{"train.max_steps": 6})
     # the reference: one process (this one), same global batch of 8, same init
     from textjepa.data import load_tokenizer
     from textjepa.training.build import build_model
@@ -473,6 +481,43 @@ def test_two_process_ddp_matches_one_process(tiny_data, tmp_path):
         assert ddp_lrs[step] == single_lrs[step]  # the schedule advances once per step, not per process
     state = json.loads((tmp_path / "ddp" / "checkpoint-00000006" / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["tokens_seen"] == 6 * 8 * 32
+
+
+QUEUED_RUN = {"train.max_steps": 4, "ema.schedule": "frozen", "mask.views": "documents", "mask.num_masks": 1,
+              "model.token_loss_weight": 0.0, "model.sentence_loss_weight": 1.0, "model.pooled_reg": "uniformity",
+              "model.pooled_reg_weight": 0.1, "model.pooled_reg_bank": 4096, "model.pooled_reg_drift_budget": 0.01,
+              "model.pooled_reg_skip_same_document": True}
+
+
+@pytest.mark.slow
+def test_two_processes_share_one_queue_and_one_budget_scale(tiny_data, tmp_path):
+    """Under DDP every process's teacher vectors join the queue (MoCo's all_gather) and the drift budget follows
+    the processes' mean sentence loss: both ranks end with the same buffers, and the queue holds what one
+    process queues from the same global batches (a frozen teacher embeds a document alike in both runs)."""
+    from safetensors.torch import load_file
+
+    from textjepa.data import load_tokenizer
+    from textjepa.training.build import build_model
+
+    run_two_processes(tiny_data, tmp_path, tmp_path / "ddp", **QUEUED_RUN)
+    ranks = [load_file(str(tmp_path / "ddp" / f"pooled_rank{rank}_of2.safetensors")) for rank in (0, 1)]
+    assert set(ranks[0]) == {"pooled_bank", "pooled_bank_seen", "pooled_bank_documents", "pooled_reg_scale"}
+    for name in ranks[0]:
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0)  # one queue, one scale
+    assert float(ranks[0]["pooled_reg_scale"]) < 1.0  # the budget acted
+
+    single_recipe = tiny_recipe(tiny_data, tmp_path / "single", **{**QUEUED_RUN, "train.batch_size": 8})
+    torch.manual_seed(single_recipe.train.seed)
+    model = build_model(single_recipe, load_tokenizer(tiny_data["tokenizer"]))
+    loop.train(single_recipe, model=model, announce=quiet)
+    seen = int(model.pooled_bank_seen)
+    assert 0 < seen < len(model.pooled_bank) and int(ranks[0]["pooled_bank_seen"]) == seen
+    ddp_queue, single_queue = ranks[0]["pooled_bank"][:seen], model.pooled_bank[:seen]
+    # (seen, seen), exact differences (the matmul form errs by ~1e-3 near 0): every queued vector has its twin
+    distances = torch.cdist(ddp_queue, single_queue, compute_mode="donot_use_mm_for_euclid_dist")
+    assert distances.min(dim=1).values.max() < 1e-4 and distances.min(dim=0).values.max() < 1e-4
+    assert sorted(ranks[0]["pooled_bank_documents"][:seen].tolist()) == sorted(
+        model.pooled_bank_documents[:seen].tolist())
 
 
 def test_tf32_only_on_cuda_and_restored():

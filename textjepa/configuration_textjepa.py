@@ -157,9 +157,9 @@ class TextJepaConfig(PreTrainedConfig):
             batches the potential also pushes each student vector away from (a first-in first-out queue, a
             persistent buffer, so checkpoints resume it; MoCo's queue). With a frozen teacher these are the
             start's own embeddings of other documents: more, and harder, neighbours than one batch holds.
-            0 (default) = the batch alone. Under DDP the wrapper copies the model's buffers from process 0
-            before each forward (DDP's broadcast_buffers, on by default), so every process pushes from process
-            0's queue, which holds process 0's vectors; the same holds for pooled_reg_drift_budget's scale.
+            0 (default) = the batch alone. Under DDP every process's vectors join the queue (MoCo's all_gather),
+            so all processes hold the same queue, and pooled_reg_drift_budget's scale follows the processes'
+            mean sentence loss, the same on all of them.
             pooled_reg_bank_source: what the queue holds: "teacher" (default), the teacher's pooled segments as
             above; "student", the guarded student vectors themselves, detached (a memory bank, Wu et al. 2018):
             the queue then moves with the student, so the potential cannot be lowered by moving every vector

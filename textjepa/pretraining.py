@@ -270,6 +270,46 @@ class EmaTeacher:
         return targets
 
 
+def _world_size():
+    """How many training processes share this model (1 without torch.distributed)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
+@torch.no_grad()
+def _mean_over_processes(value):
+    """() -> (): the mean of value over the training processes (itself with one)."""
+    if _world_size() == 1:
+        return value
+    total = value.clone()
+    torch.distributed.all_reduce(total)  # a sum: gloo has no AVG
+    return total / _world_size()
+
+
+@torch.no_grad()
+def _gather_from_processes(vectors, documents):
+    """vectors (D_p, H) and documents (D_p,) of each process -> (sum D_p, H), (sum D_p,), in rank order, the same
+    on every process. D_p differs between processes (each batch holds its own number of segments), so the counts
+    go first (one host sync, only with several processes) and the rows travel padded to the largest."""
+    world = _world_size()
+    if world == 1:
+        return vectors, documents
+    count = torch.tensor([len(vectors)], device=vectors.device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    torch.distributed.all_gather(counts, count)
+    counts = [int(c) for c in counts]
+    padded_vectors = vectors.new_zeros(max(counts), vectors.shape[1])
+    padded_vectors[:len(vectors)] = vectors
+    padded_documents = documents.new_full((max(counts),), -1)
+    padded_documents[:len(documents)] = documents
+    all_vectors = [torch.empty_like(padded_vectors) for _ in range(world)]
+    all_documents = [torch.empty_like(padded_documents) for _ in range(world)]
+    torch.distributed.all_gather(all_vectors, padded_vectors)
+    torch.distributed.all_gather(all_documents, padded_documents)
+    return (torch.cat([v[:n] for v, n in zip(all_vectors, counts)]),
+            torch.cat([d[:n] for d, n in zip(all_documents, counts)]))
+
+
 class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
     """Student encoder (`self.textjepa`), predictor, pooled heads and the EMA teacher (EmaTeacher); forward
     composes the loss terms of textjepa.objectives that the config weights above 0.
@@ -278,7 +318,10 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
     def __init__(self, config):
         super().__init__(config)
         self.textjepa = TextJepaModel(config)
-        self.predictor = TextJepaPredictor(config)
+        # the student's visible states + mask tokens -> the teacher's states at the hidden tokens; only built when
+        # a token term reads it (a module no loss reaches is an error under DDP: its gradient never arrives)
+        token_terms_on = config.token_loss_weight > 0 or config.span_loss_weight > 0
+        self.predictor = TextJepaPredictor(config) if token_terms_on else None
         # pooled student context (N, H) -> the teacher's pooled embedding of the same segment / of its partner
         self.sentence_predictor = pooled_head(config) if config.sentence_loss_weight > 0 else None
         self.view_predictor = pooled_head(config) if config.cross_view_loss_weight > 0 else None
@@ -408,20 +451,27 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
             if self.config.pooled_reg_drift_budget:
                 scale = self.pooled_reg_scale.clone()  # a copy: the buffer changes in place before backward reads it
                 if self.training:  # past the budget the weight shrinks by exp(budget - loss) per step; under it,
-                    # it grows back the same way, up to 1 (no host sync: all on the device)
-                    drift = self.config.pooled_reg_drift_budget - terms["sentence_loss"].detach().float()
+                    # it grows back the same way, up to 1 (no host sync: all on the device). Under DDP the loss is
+                    # every process's mean, so every process keeps the same scale
+                    drift = self.config.pooled_reg_drift_budget - _mean_over_processes(
+                        terms["sentence_loss"].detach().float())
                     self.pooled_reg_scale.mul_(drift.exp()).clamp_(max=1.0)
         return self._weighted_output(terms, predictions, targets, projections, student, scale)
 
     @torch.no_grad()
     def _enqueue_bank(self, vectors, documents=None):
         """vectors (D, H), the teacher's pooled segments of this batch (or the guarded student vectors), and
-        their documents (D,) (None: not known), overwrite the queue's oldest slots."""
+        their documents (D,) (None: not known), overwrite the queue's oldest slots. Under DDP every process's
+        vectors join, in rank order (MoCo's all_gather), so all processes hold one queue, and DDP's copy of the
+        buffers from process 0 before each forward changes nothing."""
         size = len(self.pooled_bank)
+        if documents is None:
+            documents = torch.full((len(vectors),), -1, dtype=torch.long, device=vectors.device)
+        vectors, documents = _gather_from_processes(vectors, documents)
         unit = nn.functional.normalize(vectors.float(), dim=-1)[-size:]
         slots = (torch.arange(len(unit), device=unit.device) + self.pooled_bank_seen) % size  # no host sync
         self.pooled_bank[slots] = unit.to(self.pooled_bank.dtype)
-        self.pooled_bank_documents[slots] = -1 if documents is None else documents[-size:]
+        self.pooled_bank_documents[slots] = documents[-size:]
         self.pooled_bank_seen += len(unit)
 
     def _parts_in_use(self, segment_ids, same_document):
