@@ -264,3 +264,45 @@ def test_heading_retrieval_builds_a_beir_folder_from_rst(tmp_path):
     for query_id, relevant in qrels.items():
         (doc_id,) = relevant
         assert queries[query_id].lower() in corpus[doc_id] and ".. index::" not in corpus[doc_id]
+
+
+def test_weight_average_interpolates_and_soups_exports(tmp_path, capsys):
+    """start + alpha * (mean(runs) - start) on real BertModel exports: alpha 0 is the start, one run at alpha 1 is
+    the run, two runs make their mean; the folder loads in transformers; a different architecture is one line."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+    from weight_average import main as weight_average
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=32)
+    folders = []
+    for seed in range(3):  # the start and two "runs"
+        torch.manual_seed(seed)
+        BertModel(config).save_pretrained(tmp_path / f"m{seed}")
+        folders.append(str(tmp_path / f"m{seed}"))
+    start, run_a, run_b = (load_file(f"{folder}/model.safetensors") for folder in folders)
+
+    def averaged(*args):
+        assert weight_average(["--start", folders[0], "--out", str(tmp_path / "out"), *args]) == 0
+        return load_file(str(tmp_path / "out" / "model.safetensors"))
+
+    for name, value in averaged("--run", folders[1], "--alpha", "0").items():
+        assert torch.equal(value, start[name])
+    for name, value in averaged("--run", folders[1], "--alpha", "1").items():
+        torch.testing.assert_close(value, run_a[name], rtol=0, atol=1e-6)
+    for name, value in averaged("--run", folders[1], "--run", folders[2]).items():
+        torch.testing.assert_close(value, (run_a[name] + run_b[name]) / 2, rtol=0, atol=1e-6)
+    halfway = averaged("--run", folders[1], "--alpha", "0.5")
+    for name, value in halfway.items():
+        torch.testing.assert_close(value, (start[name] + run_a[name]) / 2, rtol=0, atol=1e-6)
+    loaded = BertModel.from_pretrained(tmp_path / "out")
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, halfway["embeddings.word_embeddings.weight"])
+
+    BertModel(BertConfig(**{**config.to_dict(), "num_hidden_layers": 2})).save_pretrained(tmp_path / "deeper")
+    capsys.readouterr()  # transformers' own progress lines
+    assert weight_average(["--start", folders[0], "--run", folders[1], "--run", str(tmp_path / "deeper"),
+                           "--out", str(tmp_path / "bad")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {tmp_path / 'deeper' / 'model.safetensors'}: tensor names differ") and \
+        "\n" not in error
