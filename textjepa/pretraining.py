@@ -320,8 +320,8 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         self.textjepa = TextJepaModel(config)
         # the student's visible states + mask tokens -> the teacher's states at the hidden tokens; only built when
         # a token term reads it (a module no loss reaches is an error under DDP: its gradient never arrives)
-        token_terms_on = config.token_loss_weight > 0 or config.span_loss_weight > 0
-        self.predictor = TextJepaPredictor(config) if token_terms_on else None
+        token_terms = config.token_loss_weight > 0 or config.span_loss_weight > 0
+        self.predictor = TextJepaPredictor(config) if token_terms else None
         # pooled student context (N, H) -> the teacher's pooled embedding of the same segment / of its partner
         self.sentence_predictor = pooled_head(config) if config.sentence_loss_weight > 0 else None
         self.view_predictor = pooled_head(config) if config.cross_view_loss_weight > 0 else None
@@ -481,7 +481,7 @@ class TextJepaForPreTraining(EmaTeacher, TextJepaPreTrainedModel):
         student_views = cross_view and config.cross_view_target == "student"  # LeJEPA-style, no teacher
         if student_views and segment_ids is not None:
             raise ValueError("cross_view_target='student' works on mask.num_views segments, not mask.views")
-        tokens = config.token_loss_weight > 0 or config.span_loss_weight > 0
+        tokens = self.predictor is not None  # built only for a token or span term
         sentence = self.sentence_predictor is not None or (cross_view and not student_views)  # the teacher's pooled
         context = self.context_predictor is not None
         teacher = tokens or sentence or self.bottleneck_predictor is not None or context
