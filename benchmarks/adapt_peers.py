@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from textjepa.optimization import takes_weight_decay
+from textjepa.training.checkpoint import replace_directory
 
 PEER_METHODS = ("simcse", "tsdae", "mlm")
 SIMCSE_SCALE = 20.0  # 1 / temperature 0.05 (SimCSE paper)
@@ -240,8 +241,8 @@ class PeerTrainer:
         """Write a directory that sentence_transformers.SentenceTransformer(path) AND
         transformers.AutoModel.from_pretrained(path) (config.json + model.safetensors at the top level, plus
         tokenizer files) both load, with the start's pooling and normalisation (modules.json, 1_Pooling,
-        Normalize), as plain BertModel/RobertaModel (no trust_remote_code). Atomic: write to a temp dir beside
-        it, then os.replace (an existing directory at path is moved aside first, then deleted)."""
+        Normalize), as plain BertModel/RobertaModel (no trust_remote_code). Atomic: written to a temp dir beside
+        it, then put in place by checkpoint.replace_directory."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.method == "mlm":
@@ -260,10 +261,4 @@ class PeerTrainer:
             raise
         finally:
             self.model.max_seq_length = self.max_length
-        old = None
-        if path.exists():  # os.replace cannot replace a non-empty directory
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_directory(tmp, path)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
+from textjepa.training.checkpoint import replace_directory
+
 WEIGHTS = "model.safetensors"
 
 
@@ -53,10 +55,12 @@ def main(argv=None) -> int:
                   "every folder must hold the same architecture", file=sys.stderr)
             return 2
     out = Path(args.out)
-    shutil.copytree(folders[1], out, dirs_exist_ok=True)
-    partial = out / (WEIGHTS + ".partial")  # written whole, then renamed: never a half-written model
-    save_file(average(start, runs, args.alpha), str(partial), metadata={"format": "pt"})
-    partial.replace(out / WEIGHTS)
+    # the whole folder is built beside OUT, then put in place: never the first run's weights under OUT's name
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(folders[1], tmp)
+    save_file(average(start, runs, args.alpha), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    replace_directory(tmp, out)
     print(f"{out}: start + {args.alpha} * (mean of {len(runs)} run(s) - start)")
     return 0
 

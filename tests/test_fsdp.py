@@ -106,13 +106,14 @@ def test_fsdp_adaptation_run_resumes_its_queue_exactly_and_exports_the_source_ar
     from transformers import BertModel
 
     random_source(tmp_path / "start", "bert")
-    adapt = {**QUEUED_RUN, "model.pooled_reg_drift_budget": 1e-6, "model.cross_view_loss_weight": 0.0, "model.pooled_head": "identity",
-             "train.save_every": 1, "train.keep_last": STEPS, "train.export_which": "student",
+    adapt = {**QUEUED_RUN, "model.pooled_reg_drift_budget": 1e-6, "model.cross_view_loss_weight": 0.0,
+             "model.pooled_head": "identity", "train.save_every": 1, "train.keep_last": STEPS,
+             "train.export_which": "student",
              "log.min_std": 0.0}  # a tiny random start predicts with little spread: not what this test is about
 
-    def queued(name, **extra):
+    def queued(name):
         (tmp_path / name).mkdir(exist_ok=True)
-        recipe = adapt_recipe(tmp_path / name, tmp_path / "start", **adapt, **extra)
+        recipe = adapt_recipe(tmp_path / name, tmp_path / "start", **adapt)
         path = tmp_path / f"{name}.yaml"
         recipe.save(path)
         return path

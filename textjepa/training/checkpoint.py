@@ -186,6 +186,22 @@ def fsync_tree(root: Path) -> None:
         _fsync_path(Path(dirpath))
 
 
+def replace_directory(tmp_dir: Path, output_dir: Path) -> Path:
+    """Put the complete folder `tmp_dir` at `output_dir` by renames only, so a reader finds the old folder or the
+    new one, never a mix. os.replace cannot replace a non-empty directory: an old one is moved aside first, then
+    deleted."""
+    tmp_dir, output_dir = Path(tmp_dir), Path(output_dir)
+    if output_dir.exists():
+        old = output_dir.parent / f".tmp-old-{output_dir.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(output_dir, old)
+        os.replace(tmp_dir, output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, output_dir)
+    return output_dir
+
+
 def commit_checkpoint(tmp_dir: Path, final_dir: Path) -> Path:
     """fsync `tmp_dir` then atomically rename it to `final_dir` (main process only)."""
     if not (tmp_dir / COMPLETE_MARKER).is_file():

@@ -15,14 +15,14 @@ trust_remote_code=True need no textjepa), and both kinds carry the sentence-tran
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from .checkpoint import COMPLETE_MARKER, TEACHER_FILE, fsync_tree, latest_checkpoint, read_trainer_state, verify_checkpoint
+from .checkpoint import (COMPLETE_MARKER, TEACHER_FILE, fsync_tree, latest_checkpoint, read_trainer_state, replace_directory,
+                         verify_checkpoint)
 from .process import fault_point
 
 
@@ -153,15 +153,7 @@ def export_model(model, recipe, tokenizer, output_dir, which: str = "teacher", t
         write_sentence_transformers_layout(tmp_dir, model.config, tokenizer)
     (tmp_dir / "README.md").write_text(model_card(recipe, trainer_state, which, model.config))
     fsync_tree(tmp_dir)
-    if output_dir.exists():  # a previous export: swap it out, then delete it
-        old = output_dir.parent / f".tmp-export-old-{output_dir.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(output_dir, old)
-        os.replace(tmp_dir, output_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, output_dir)
-    return output_dir
+    return replace_directory(tmp_dir, output_dir)  # a previous export is swapped out, then deleted
 
 
 def load_checkpoint_model(checkpoint_dir):
